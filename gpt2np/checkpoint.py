@@ -1,0 +1,187 @@
+"""Reading GPT-2 weights from safetensors files, checked against the config before use.
+
+A checkpoint folder holds `config.json` and either `model.safetensors` or a sharded set
+(`model.safetensors.index.json` naming `model-0000N-of-0000M.safetensors` files). Tensor names
+are the checkpoint's own (`wte.weight`, `h.0.attn.c_attn.weight`, ...), with or without the
+`transformer.` prefix that current transformers writes. Linear weights are stored (in, out), as
+GPT-2's original TensorFlow code and transformers' `Conv1D` keep them, so `x @ weight` needs no
+transpose.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+
+from .config import GPT2Config
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+# The causal-mask buffers that older checkpoints store as tensors: `h.N.attn.bias` [1, 1, n_ctx, n_ctx]
+# and `h.N.attn.masked_bias`. They are not weights. Note `h.N.attn.c_attn.bias` is a weight and must
+# not match, hence the anchored pattern.
+_BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
+
+
+def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
+    """Every weight a GPT-2 checkpoint must hold, by its name in the checkpoint, with its shape."""
+    C, F, V = config.n_embd, config.mlp_width, config.vocab_size
+    shapes = {"wte.weight": (V, C), "wpe.weight": (config.n_ctx, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
+    for i in range(config.n_layer):
+        shapes |= {
+            f"h.{i}.ln_1.weight": (C,), f"h.{i}.ln_1.bias": (C,),
+            f"h.{i}.attn.c_attn.weight": (C, 3 * C), f"h.{i}.attn.c_attn.bias": (3 * C,),
+            f"h.{i}.attn.c_proj.weight": (C, C), f"h.{i}.attn.c_proj.bias": (C,),
+            f"h.{i}.ln_2.weight": (C,), f"h.{i}.ln_2.bias": (C,),
+            f"h.{i}.mlp.c_fc.weight": (C, F), f"h.{i}.mlp.c_fc.bias": (F,),
+            f"h.{i}.mlp.c_proj.weight": (F, C), f"h.{i}.mlp.c_proj.bias": (C,),
+        }  # fmt: skip
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    return shapes
+
+
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint folder: the single file, or every shard of the index."""
+    folder = Path(folder)
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    index = folder / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+            shards = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{index}: not a valid safetensors index (expected a 'weight_map' object): {e}") from e
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise ValueError(f"{index} names shards that are not in {folder}: {', '.join(missing)}")
+        return [folder / s for s in shards]
+    found = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.h5"))
+    hint = f" (found {', '.join(found)}: gpt2np reads safetensors only)" if found else ""
+    raise ValueError(f"no {WEIGHTS_NAME} or {WEIGHTS_INDEX_NAME} in {folder}{hint}")
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """The JSON header of a safetensors file (8-byte little-endian length, then JSON) and where data starts."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        return json.loads(f.read(n)), 8 + n
+
+
+def _bf16_to_f32(path: Path, info: dict, data_start: int) -> np.ndarray:
+    """bfloat16 is the top half of a float32, so shifting its 16 bits up by 16 gives the float32.
+
+    NumPy has no bfloat16 dtype and safetensors' NumPy API refuses it, so read the raw bits
+    (after safe_open has validated the header and offsets).
+    """
+    begin, end = info["data_offsets"]
+    bits = np.fromfile(path, dtype="<u2", count=(end - begin) // 2, offset=data_start + begin)
+    return (bits.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file as float32 NumPy arrays (F32 / F16 / BF16 / F64)."""
+    tensors = {}
+    try:
+        with safe_open(path, framework="np") as f:
+            names = list(f.keys())
+            dtypes = {name: f.get_slice(name).get_dtype() for name in names}
+            header, data_start = _header(path) if "BF16" in dtypes.values() else (None, 0)
+            for name in names:
+                if dtypes[name] == "BF16":
+                    tensors[name] = _bf16_to_f32(path, header[name], data_start)
+                elif dtypes[name] in ("F32", "F16", "F64"):
+                    tensors[name] = f.get_tensor(name).astype(np.float32, copy=False)
+                elif _BUFFER.fullmatch(name.removeprefix("transformer.")):
+                    tensors[name] = None  # a mask buffer (often BOOL or U8): dropped below, never read
+                else:
+                    raise ValueError(f"{path}: tensor {name!r} has dtype {dtypes[name]}; expected F32, F16 or BF16")
+    except SafetensorError as e:
+        raise ValueError(f"{path} is not a valid safetensors file ({e}); re-download or re-save it") from e
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e}") from e
+    return tensors
+
+
+def load_state_dict(folder: str | os.PathLike, config: GPT2Config) -> dict[str, np.ndarray]:
+    """Read and check every weight of a checkpoint folder; names come back without `transformer.`.
+
+    Raises ValueError naming each missing, unexpected or misshapen tensor.
+    """
+    state: dict[str, np.ndarray] = {}
+    for path in weight_files(folder):
+        for name, tensor in read_safetensors(path).items():
+            name = name.removeprefix("transformer.")
+            if _BUFFER.fullmatch(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                continue  # mask buffers, and the tied head (the same numbers as wte)
+            if name in state:
+                raise ValueError(f"tensor {name!r} appears twice in {folder}")
+            state[name] = tensor
+    expected = expected_shapes(config)
+    missing = sorted(set(expected) - set(state), key=_natural)
+    unexpected = sorted(set(state) - set(expected), key=_natural)
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in sorted(set(expected) & set(state), key=_natural)
+             if tuple(state[k].shape) != expected[k]]  # fmt: skip
+    problems = []
+    if missing:
+        problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
+    if unexpected:
+        problems.append(f"unexpected tensors: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}")
+    if wrong:
+        problems.append(f"wrong shapes: {', '.join(wrong[:8])}")
+    if problems:
+        raise ValueError(f"checkpoint {folder} does not match its config.json: " + "; ".join(problems))
+    return state
+
+
+def _natural(name: str):
+    """Sort h.2 before h.10."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def unflatten(state: dict[str, np.ndarray]) -> dict:
+    """`{"h.0.attn.c_attn.weight": w}` -> `{"h": [{"attn": {"c_attn": {"weight": w}}}]}`.
+
+    The nested dict keeps the checkpoint's names, so `params["h"][0]["attn"]["c_attn"]["weight"]`
+    is the tensor stored as `h.0.attn.c_attn.weight`.
+    """
+    params: dict = {}
+    for name, tensor in state.items():
+        *path, leaf = name.split(".")
+        node = params
+        for key in path:
+            node = node.setdefault(key, {})
+        node[leaf] = tensor
+    params["h"] = [params["h"][str(i)] for i in range(len(params["h"]))]
+    return params
+
+
+def save_checkpoint(folder: str | os.PathLike, config: GPT2Config, state: dict[str, np.ndarray]) -> None:
+    """Write `config.json` + `model.safetensors` in the hub's layout (used by tests and benchmarks)."""
+    from safetensors.numpy import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
+    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+
+
+def random_state_dict(config: GPT2Config, *, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:
+    """A randomly initialised GPT-2 (normal weights, unit layer norms), for tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for name, shape in expected_shapes(config).items():
+        if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")):
+            state[name] = 1 + np.float32(0.1) * rng.standard_normal(shape, dtype=np.float32)
+        else:
+            state[name] = np.float32(std) * rng.standard_normal(shape, dtype=np.float32)
+    return state

@@ -25,6 +25,7 @@ constant below is applied to float32 arrays.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -247,3 +248,66 @@ class GPT2:
     def __repr__(self) -> str:
         c = self.config
         return f"GPT2({self.name!r}, n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, n_ctx={c.n_ctx})"
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt_or_prompts, *, max_new_tokens=50, do_sample=True, temperature=0.8, top_p=1.0,
+                 top_k=None, repetition_penalty=1.0, return_full_text=True, stop=None, seed=None,
+                 ignore_eos=False):  # fmt: skip
+        """Continue a prompt (str -> str) or several (list -> list, same order).
+
+        Defaults mirror the GPT-2 model card's endpoint: sampling at temperature 0.8, top_p 1.0.
+        `top_k` is off unless given (transformers silently uses 50 when sampling).
+        `do_sample=False` is greedy and ignores temperature / top_k / top_p. A row ends at EOS,
+        after `max_new_tokens`, or at the first of the `stop` strings (cut from the text).
+        `return_full_text=True` returns the prompt verbatim followed by the continuation.
+        `seed` makes the call reproducible; row i of a batch draws from the seed's i-th child, so
+        a prompt gives the same text alone or in a batch. An empty prompt is conditioned on
+        <|endoftext|>.
+        """
+        from .generation import GenerationOptions, check_prompts, generate_text, row_generators
+
+        prompts, single = check_prompts(prompt_or_prompts)
+        _check_bool("return_full_text", return_full_text)
+        options = GenerationOptions.make(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                         top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
+                                         ignore_eos=ignore_eos)  # fmt: skip
+        texts = generate_text(self, prompts, options, row_generators(seed, len(prompts)), return_full_text=return_full_text)
+        return texts[0] if single else texts
+
+    def generate_ids(self, prompts, *, max_new_tokens=50, do_sample=True, temperature=0.8, top_p=1.0, top_k=None,
+                     repetition_penalty=1.0, stop=None, seed=None, ignore_eos=False) -> list[list[int]]:  # fmt: skip
+        """Like `generate`, on token ids: a list of id lists in, the new ids of each out (EOS not included;
+        with `stop`, up to and including the token that completed the stop string)."""
+        from .generation import GenerationOptions, generate_ids, row_generators
+
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError("generate_ids takes a non-empty list of token-id lists, e.g. [[464, 3290]]")
+        if all(isinstance(p, numbers.Integral) for p in prompts):
+            raise TypeError("generate_ids takes a list of token-id lists: wrap a single prompt as [ids]")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, (list, tuple, np.ndarray)) or len(p) == 0:
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {p!r}")
+        options = GenerationOptions.make(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                         top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
+                                         ignore_eos=ignore_eos)  # fmt: skip
+        return generate_ids(self, [[int(t) for t in p] for p in prompts], options, row_generators(seed, len(prompts)))
+
+    def stream(self, prompt, *, max_new_tokens=50, do_sample=True, temperature=0.8, top_p=1.0, top_k=None,
+               repetition_penalty=1.0, return_full_text=True, stop=None, seed=None, ignore_eos=False):  # fmt: skip
+        """Yield the text of `generate(prompt, ...)` in pieces as it is decided (same options).
+        A character split across tokens is held back until complete; so is text that a stop string
+        could still remove. The pieces join to exactly what `generate` returns for the same seed."""
+        from .generation import GenerationOptions, row_generators, stream_text
+
+        if not isinstance(prompt, str):
+            raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}")
+        _check_bool("return_full_text", return_full_text)
+        options = GenerationOptions.make(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                         top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
+                                         ignore_eos=ignore_eos)  # fmt: skip
+        return stream_text(self, prompt, options, row_generators(seed, 1)[0], return_full_text=return_full_text)
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")

@@ -75,6 +75,7 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt")
 
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_SAFE_ETAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # it names a file in blobs/
 _TRUE_VALUES = {"1", "true", "yes", "on"}
 
 
@@ -439,12 +440,15 @@ def _file_info(hub: _Hub, revision: str, filename: str) -> _FileInfo:
             f"{hub.endpoint} answered for {filename!r} without the {missing} header, so it is not a "
             "HuggingFace hub: check HF_ENDPOINT (unset it to use the public hub)."
         )
+    etag = _normalize_etag(etag)
+    if not _SAFE_ETAG.fullmatch(etag):
+        raise HubError(f"{hub.endpoint} answered for {filename!r} with the etag {etag!r}, which cannot name a file.")
     if response.is_redirect:
         size = headers.get("X-Linked-Size")
         url = urljoin(response.url, headers["Location"])
     else:
         size = headers.get("X-Linked-Size") or headers.get("Content-Length")
-    return _FileInfo(filename, commit, _normalize_etag(etag), int(size) if size else None, url)
+    return _FileInfo(filename, commit, etag, int(size) if size else None, url)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -466,9 +470,11 @@ def _download_snapshot(hub: _Hub, repo: _CachedRepo, revision: str) -> pathlib.P
 
 
 def _fetch_weights(hub: _Hub, repo: _CachedRepo, commit: str) -> None:
-    with contextlib.suppress(EntryNotFoundError):
+    try:
         _fetch(hub, repo, commit, WEIGHTS_FILE)
         return
+    except EntryNotFoundError:
+        pass  # maybe a sharded checkpoint, whose index names the shards
     try:
         index_path = _fetch(hub, repo, commit, WEIGHTS_INDEX_FILE)
     except EntryNotFoundError:
@@ -489,11 +495,10 @@ def _shard_names(index: dict, *, source: str) -> list[str]:
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not weight_map:
         raise HubError(f"{source} has no 'weight_map' naming the shard files.")
-    shards = sorted(set(weight_map.values()))
-    for shard in shards:
+    for shard in weight_map.values():
         if not _is_plain_path(shard):
             raise HubError(f"{source} names the shard {shard!r}, which is not a plain path inside the repo.")
-    return shards
+    return sorted(set(weight_map.values()))
 
 
 def _is_plain_path(path) -> bool:
@@ -541,7 +546,7 @@ def _download_blob(hub: _Hub, info: _FileInfo, blob: pathlib.Path) -> None:
             try:
                 _transfer(hub, info, partial, bar)
                 break
-            except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError) as error:
+            except _TRANSIENT_ERRORS as error:
                 if attempt == DOWNLOAD_RETRIES:
                     raise HubUnreachableError(
                         f"Downloading {info.filename!r} of {hub.repo_id!r} failed {attempt + 1} times "
@@ -551,6 +556,15 @@ def _download_blob(hub: _Hub, info: _FileInfo, blob: pathlib.Path) -> None:
                 time.sleep(RETRY_BACKOFF * (attempt + 1))
     _verify(hub, info, partial)
     os.replace(partial, blob)
+
+
+# What a retry with a Range request may cure: a dropped, refused or stalled connection, or a 5xx.
+_TRANSIENT_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    HubUnreachableError,
+)
 
 
 def _partial_size(partial: pathlib.Path, expected: int | None) -> int:
@@ -580,15 +594,23 @@ def _transfer(hub: _Hub, info: _FileInfo, partial: pathlib.Path, bar: tqdm) -> N
             if have:
                 bar.reset(total=info.size)
         else:
-            _raise_for_status(hub, response, info.commit, info.filename)
-            raise HubError(
-                f"Unexpected HTTP {response.status_code} while downloading {info.filename!r} of "
-                f"{hub.repo_id!r} from {_origin_text(info.url)}."
-            )
+            _raise_for_download_status(hub, info, response)
         with open(partial, mode) as out:
             for chunk in response.iter_content(chunk_size=CHUNK_SIZE):
                 out.write(chunk)
                 bar.update(len(chunk))
+
+
+def _raise_for_download_status(hub: _Hub, info: _FileInfo, response: requests.Response) -> None:
+    status, where = response.status_code, _origin_text(response.url)
+    if status >= 500:
+        raise HubUnreachableError(f"{where} answered HTTP {status} for {info.filename!r}.")
+    if _origin(response.url) == _origin(hub.endpoint):
+        _raise_for_status(hub, response, info.commit, info.filename)
+    raise HubError(
+        f"Downloading {info.filename!r} of {hub.repo_id!r} from {where} failed with HTTP {status}. "
+        "Run it again: the hub hands out a fresh CDN link each time."
+    )
 
 
 def _range_start(response: requests.Response) -> int | None:

@@ -1,0 +1,404 @@
+"""The command line, run as a user runs it: `scripts/generate.py` and `python -m gpt2np` in a
+subprocess, on a small random checkpoint, with the hub out of reach (offline, and its endpoint a
+closed local port). The library, loaded here, is the oracle for what the text must be."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from gpt2np import GPT2, cli
+from gpt2np.checkpoint import random_state_dict, save_checkpoint
+from gpt2np.config import GPT2Config
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "generate.py"
+PROMPT = "I believe the meaning of life is"
+# The model card's sample request, as published with GPT-2's inference endpoint.
+MODEL_CARD_REQUEST = {
+    "input_data": ["I believe the meaning of life is"],
+    "params": {"top_p": 1.0, "temperature": 0.8, "max_new_tokens": 100, "do_sample": True, "return_full_text": True},
+}
+TIMEOUT = 120  # seconds; a hung subprocess fails the test instead of the whole run
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny")
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
+    save_checkpoint(folder, config, random_state_dict(config, seed=0))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> GPT2:
+    return GPT2.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    """The environment of every subprocess: no hub to reach, an empty cache, UTF-8 output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "GPT2NP_"))}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8",
+               HF_HUB_CACHE=str(tmp_path_factory.mktemp("empty_cache")))  # fmt: skip
+    return env
+
+
+def run(argv, env, *, stdin=None, module=False, cwd=None) -> subprocess.CompletedProcess:
+    """Run scripts/generate.py (from outside the repository, as a fresh checkout would), or
+    `python -m gpt2np` (from the repository root). `stdin` is text to feed, a file descriptor, or
+    None for an empty stdin. stdout and stderr come back as str."""
+    if module:
+        command, cwd = [sys.executable, "-m", "gpt2np", *argv], cwd or REPO
+    else:
+        command, cwd = [sys.executable, str(SCRIPT), *argv], cwd or REPO.parent
+    if isinstance(stdin, str):
+        feed = {"input": stdin.encode()}
+    else:  # a file descriptor (a terminal), or nothing to read
+        feed = {"stdin": subprocess.DEVNULL if stdin is None else stdin}
+    result = subprocess.run(command, **feed, capture_output=True, env=env, cwd=cwd, timeout=TIMEOUT)
+    result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
+    return result
+
+
+def assert_usage_error(result, *needles, prog="generate.py"):
+    """Exit status 2, nothing on stdout, one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stderr)
+    assert result.stdout == ""
+    assert result.stderr.endswith("\n") and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(f"{prog}: error: "), result.stderr
+    for needle in needles:
+        assert needle in result.stderr, (needle, result.stderr)
+
+
+def run_in_process(argv, monkeypatch, capsys, *, stdin=""):
+    """cli.main in this process (no interpreter start-up): for the many variants of one error path
+    whose subprocess run is tested once. Returns (status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "stdin", types.SimpleNamespace(read=lambda: stdin, isatty=lambda: False))
+    status = cli.main(argv, prog="gpt2np")
+    captured = capsys.readouterr()
+    return status, captured.out, captured.err
+
+
+def assert_one_line_error(status, out, err, *needles):
+    assert (status, out) == (2, ""), err
+    assert err.startswith("gpt2np: error: ") and err.count("\n") == 1, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+
+
+# ---------------------------------------------------------------------------------------- generate
+def test_prompt_argument_prints_the_prompt_and_its_continuation(checkpoint, model, env):
+    result = run(["--model", str(checkpoint), PROMPT, "--seed", "0", "--max-new-tokens", "10"], env)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    expected = model.generate(PROMPT, seed=0, max_new_tokens=10)
+    assert expected.startswith(PROMPT) and len(expected) > len(PROMPT)
+    assert result.stdout == expected + "\n"
+
+
+def test_python_m_gpt2np_runs_generate_with_or_without_the_command(checkpoint, model, env, monkeypatch, capsys):
+    expected = model.generate(PROMPT, seed=3, max_new_tokens=4) + "\n"
+    result = run([PROMPT, "--model", str(checkpoint), "--seed", "3", "--max-new-tokens", "4"], env, module=True)
+    assert (result.returncode, result.stdout, result.stderr) == (0, expected, "")
+    argv = ["generate", PROMPT, "--model", str(checkpoint), "--seed", "3", "--max-new-tokens", "4"]
+    assert run_in_process(argv, monkeypatch, capsys) == (0, expected, "")
+
+
+def test_prompt_from_stdin_when_absent_or_dash(checkpoint, model, env, monkeypatch, capsys):
+    expected = model.generate(PROMPT, seed=1, max_new_tokens=4) + "\n"
+    options = ["--model", str(checkpoint), "--seed", "1", "--max-new-tokens", "4"]
+    result = run(options, env, stdin=PROMPT + "\n")
+    assert (result.returncode, result.stdout, result.stderr) == (0, expected, "")
+    assert run_in_process(["-", *options], monkeypatch, capsys, stdin=PROMPT + "\n") == (0, expected, "")
+
+
+def test_every_sampling_flag_reaches_generate(checkpoint, model, env):
+    argv = ["--model", str(checkpoint), PROMPT, "--seed", "7", "--max-new-tokens", "15", "--temperature", "0.7",
+            "--top-p", "0.9", "--top-k", "40", "--repetition-penalty", "1.3", "--stop", "\\n", "--stop", "ab",
+            "--no-full-text", "--ignore-eos"]  # fmt: skip
+    result = run(argv, env)
+    assert result.returncode == 0, result.stderr
+    expected = model.generate(PROMPT, seed=7, max_new_tokens=15, temperature=0.7, top_p=0.9, top_k=40,
+                              repetition_penalty=1.3, stop=["\n", "ab"], return_full_text=False, ignore_eos=True)  # fmt: skip
+    assert result.stdout == expected + "\n"
+
+
+def test_greedy_is_do_sample_off_and_ignores_temperature(checkpoint, model, monkeypatch, capsys):
+    argv = ["--model", str(checkpoint), PROMPT, "--greedy", "--temperature", "0", "--max-new-tokens", "12"]
+    expected = model.generate(PROMPT, do_sample=False, max_new_tokens=12) + "\n"
+    assert run_in_process(argv, monkeypatch, capsys) == (0, expected, "")
+
+
+def test_stream_prints_the_same_samples_as_no_stream(checkpoint, model, env):
+    argv = ["--model", str(checkpoint), PROMPT, "--seed", "5", "--max-new-tokens", "16", "--num-samples", "2"]
+    streamed, printed = run([*argv, "--stream"], env), run([*argv, "--no-stream"], env)
+    assert streamed.returncode == printed.returncode == 0, (streamed.stderr, printed.stderr)
+    first, second = model.generate([PROMPT, PROMPT], seed=5, max_new_tokens=16)
+    assert first != second
+    assert printed.stdout == f"=== sample 1 of 2 ===\n{first}\n=== sample 2 of 2 ===\n{second}\n"
+    assert streamed.stdout == printed.stdout
+
+
+def test_truncate_prompt_keeps_the_last_tokens_that_fit(checkpoint, model, env, monkeypatch, capsys):
+    prompt = "one" + " word" * 200  # 201 tokens: "one", then " word" 200 times
+    argv = ["--model", str(checkpoint), prompt, "--truncate-prompt", "--max-new-tokens", "10", "--seed", "0"]
+    result = run(argv, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == model.generate(" word" * 118, seed=0, max_new_tokens=10) + "\n"  # 128 - 10 tokens kept
+    assert result.stderr == ("generate.py: note: the prompt is too long: kept its last 118 tokens, so that "
+                             "--max-new-tokens 10 fits the 128-token context\n")
+    argv = ["--model", str(checkpoint), prompt, "--truncate-prompt", "--max-new-tokens", "3", "--quiet"]
+    status, _, err = run_in_process(argv, monkeypatch, capsys)
+    assert (status, err) == (0, "")
+
+
+# ---------------------------------------------------------------------------------------- JSON requests
+def test_json_request_of_the_model_card(checkpoint, model, env, tmp_path):
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps(MODEL_CARD_REQUEST, indent=4))
+    result = run(["--model", str(checkpoint), "--json", str(request), "--seed", "0"], env)
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer == model.generate(MODEL_CARD_REQUEST["input_data"], seed=0, **MODEL_CARD_REQUEST["params"])
+    assert len(answer) == 1 and answer[0].startswith(PROMPT)
+
+
+def test_json_request_on_stdin_in_azure_ml_shape(checkpoint, model, env):
+    prompts = ["Once upon a time,", "My name is John and I am"]
+    params = {"max_new_tokens": 12, "do_sample": False, "return_full_text": False, "stop": ["\n"]}
+    request = {"input_data": {"input_string": prompts, "parameters": params}}
+    result = run(["--model", str(checkpoint), "--json", "-"], env, stdin=json.dumps(request))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == model.generate(prompts, **params)
+
+
+def test_json_params_override_flags_and_num_samples_repeats_each_prompt(checkpoint, model, tmp_path, capsys):
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"input_data": ["a", "b"], "params": {"max_new_tokens": 4, "seed": 2}}))
+    status = cli.main(["--model", str(checkpoint), "--json", str(request), "--max-new-tokens", "30", "--seed", "9",
+                       "--num-samples", "2"], prog="gpt2np")  # fmt: skip
+    out = capsys.readouterr().out
+    assert status == 0
+    assert json.loads(out) == model.generate(["a", "a", "b", "b"], max_new_tokens=4, seed=2)
+
+
+@pytest.mark.parametrize("request_text, needles", [
+    ('{"input_data": ["a"], ', ["is not valid JSON", '"input_data"']),
+    ('["a prompt"]', ["must be a JSON object like"]),
+    ('{"params": {}}', ['no "input_data"']),
+    ('{"input_data": "a prompt"}', ['"input_data" must be a non-empty list']),
+    ('{"input_data": []}', ['"input_data" must be a non-empty list']),
+    ('{"input_data": ["a", 3]}', ['"input_data"[1] must be a string, got 3']),
+    ('{"input_data": ["a"], "parameters": {}}', ["unknown key 'parameters' in the request", "'params'"]),
+    ('{"input_data": ["a"], "params": [1]}', ['"params" must be a JSON object']),
+    ('{"input_data": ["a"], "params": {"temperature": true}}', ["param 'temperature' must be a number, got true"]),
+    ('{"input_data": ["a"], "params": {"max_new_tokens": "50"}}', ["'max_new_tokens' must be an integer, got \"50\""]),
+    ('{"input_data": ["a"], "params": {"do_sample": 1}}', ["'do_sample' must be true or false, got 1"]),
+    ('{"input_data": ["a"], "params": {"seed": -1}}', ["'seed' must be a non-negative integer or null"]),
+    ('{"input_data": ["a"], "params": {"top_p": 2}}', ["top_p must be in (0, 1]"]),
+    ('{"input_data": ["a"], "params": {"temperature": NaN}}', ["not valid JSON", "NaN"]),
+    ('{"input_data": {"input_string": ["a"], "params": {}}}', ["unknown key 'params' in \"input_data\""]),
+])  # fmt: skip
+def test_malformed_json_requests_are_one_line_errors(request_text, needles, monkeypatch, capsys):
+    """Checked before any model is loaded (in-process; the subprocess path is tested below)."""
+    result = run_in_process(["--model", "/no/model/needed", "--json", "-"], monkeypatch, capsys, stdin=request_text)
+    assert_one_line_error(*result, "gpt2np: error: the request on stdin", *needles)
+
+
+# ---------------------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("argv, stdin, needles", [
+    (["x", "--top-p", "2"], None, ["argument --top-p: must be in (0, 1]", "--help"]),  # a bad flag value
+    (["x", "--model", "/no/such/folder"], None, ["cannot load the model '/no/such/folder'", "existing folder"]),
+    (["x", "--model", "someorg/missing"], None, ["cannot load the model 'someorg/missing': "]),
+    (["one" + " word" * 200], None, ["the prompt is 201 tokens and --max-new-tokens is 50",
+                                     "128-token context", "--truncate-prompt"]),
+    (["--json", "-"], '{"input_data": ["a"], "params": {', ["the request on stdin is not valid JSON"]),
+    (["--json", "-"], '{"input_data": ["a"], "params": {"num_beams": 4}}',
+     ["unknown param 'num_beams'", "top_p, temperature, max_new_tokens, do_sample, return_full_text"]),
+])  # fmt: skip
+def test_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, checkpoint, env, tmp_path):
+    argv = ["--model", str(checkpoint), *argv] if "--model" not in argv else argv
+    assert_usage_error(run(argv, env, stdin=stdin, cwd=tmp_path), *needles)
+
+
+@pytest.mark.parametrize("argv, stdin, needles", [
+    (["x", "--temprature", "1"], "", ["unrecognized arguments: --temprature"]),
+    (["x", "--temperature", "hot"], "", ["argument --temperature: must be a number, got 'hot'"]),
+    (["x", "--temperature", "inf"], "", ["argument --temperature: must be a finite number"]),
+    (["x", "--max-new-tokens", "0"], "", ["argument --max-new-tokens: must be at least 1"]),
+    (["x", "--top-k", "1.5"], "", ["argument --top-k: must be an integer"]),
+    (["x", "--seed", "-3"], "", ["argument --seed: must be 0 or more"]),
+    (["x", "--repetition-penalty", "0"], "", ["argument --repetition-penalty: must be more than 0"]),
+    (["x", "--stop", ""], "", ["argument --stop: must not be empty"]),
+    (["x", "--temperature", "0"], "", ["--temperature must be > 0 when sampling", "--greedy"]),
+    (["x", "--json", "request.json"], "", ["either a PROMPT or --json FILE"]),
+    (["--json", "missing.json"], "", ["--json missing.json: no such file"]),
+    ([], "", ["stdin was empty"]),
+    (["--json", "-", "--stream"], "{}", ["--stream cannot be used with --json"]),
+    (["a prompt", "--max-new-tokens", "127"], "", ["the prompt is 2 tokens", "lower --max-new-tokens to 126"]),
+    (["x", "--max-new-tokens", "128", "--truncate-prompt"], "", ["leaves no room for a prompt", "at most 127"]),
+    (["--json", "-"], '{"input_data": ["a"], "params": {"max_new_tokens": 500}}',
+     ["max_new_tokens 500 leaves no room for a prompt in the model's 128-token context"]),
+    (["--json", "-"], json.dumps({"input_data": ["a", "b" * 300], "params": {"max_new_tokens": 100}}),
+     ['"input_data"[1] is 150 tokens and max_new_tokens is 100', "or pass --truncate-prompt"]),
+])  # fmt: skip
+def test_more_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, checkpoint, monkeypatch, capsys):
+    result = run_in_process(["--model", str(checkpoint), *argv], monkeypatch, capsys, stdin=stdin)
+    assert_one_line_error(*result, *needles)
+
+
+def test_debug_shows_the_traceback(monkeypatch, capsys):
+    status, out, err = run_in_process(["x", "--model", "/no/such/folder", "--debug"], monkeypatch, capsys)
+    assert (status, out) == (2, "")
+    assert err.startswith("Traceback") and "ValueError: no checkpoint folder" in err
+    assert err.splitlines()[-1].startswith("gpt2np: error: cannot load the model")
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_no_prompt_and_stdin_a_terminal(checkpoint, env):
+    controller, terminal = os.openpty()
+    try:
+        result = run(["--model", str(checkpoint)], env, stdin=terminal)
+    finally:
+        os.close(controller)
+        os.close(terminal)
+    assert_usage_error(result, "no prompt", "pipe it on stdin", "--json FILE")
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_exits_130_and_keeps_what_was_printed(tmp_path, env):
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=1024)  # room for a long generation
+    save_checkpoint(tmp_path / "long", config, random_state_dict(config, seed=1))
+    argv = ["--model", str(tmp_path / "long"), PROMPT, "--max-new-tokens", "1000", "--ignore-eos", "--seed", "0",
+            "--stream"]
+    process = subprocess.Popen([sys.executable, str(SCRIPT), *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    try:
+        printed = b""
+        while len(printed) <= len(PROMPT):  # the prompt, then at least one generated piece
+            chunk = os.read(process.stdout.fileno(), 4096)
+            assert chunk, process.stderr.read().decode()
+            printed += chunk
+        process.send_signal(signal.SIGINT)
+        rest, err = process.communicate(timeout=TIMEOUT)
+    finally:
+        process.kill()
+    printed = (printed + rest).decode()
+    assert process.returncode == 130, err.decode()
+    assert err.decode() == "generate.py: interrupted\n"
+    # What was printed is intact: exactly the first pieces of the same generation.
+    expected = ""
+    for piece in GPT2.from_pretrained(tmp_path / "long").stream(PROMPT, max_new_tokens=1000, ignore_eos=True, seed=0):
+        if len(expected) >= len(printed):
+            break
+        expected += piece
+    assert printed == expected
+    assert printed.startswith(PROMPT) and len(printed) < 3000
+
+
+# ---------------------------------------------------------------------------------------- help
+def test_help_shows_every_flag_with_its_default_and_the_model_card_example(env):
+    result = run(["--help"], env)
+    assert result.returncode == 0 and result.stderr == ""
+    help_text = result.stdout
+    words = " ".join(help_text.split())
+    parser = cli.generate_parser("generate.py")
+    for action in parser._actions:
+        if action.dest == "help" or not action.option_strings:
+            continue
+        for flag in action.option_strings:
+            assert flag in help_text, flag
+        assert "default" in action.help, action.option_strings or action.dest
+    for default in ("(default: gpt2)", "(default: 50)", "(default: 0.8)", "(default: 1.0)", "(default: off)"):
+        assert default in words
+    assert '"input_data": [\n          "I believe the meaning of life is"' in help_text
+    assert '"return_full_text": true' in help_text
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    assert cli.main(["--help"], prog="python -m gpt2np") == 0
+    out = capsys.readouterr().out
+    for command in ("generate", "download", "serve", "eval"):
+        assert f"python -m gpt2np {command}" in out
+
+
+# ---------------------------------------------------------------------------------------- download
+def test_download_prints_the_snapshot_folder_and_generate_loads_it(tmp_path, env, model):
+    cache, commit = tmp_path / "cache", "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someorg--tiny"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
+    save_checkpoint(repo / "snapshots" / commit, config, random_state_dict(config, seed=0))
+
+    result = run(["download", "someorg/tiny", "--cache-dir", str(cache), "--quiet"], env, module=True)
+    assert (result.returncode, result.stdout, result.stderr) == (0, f"{repo / 'snapshots' / commit}\n", "")
+
+    argv = ["--model", "someorg/tiny", "--cache-dir", str(cache), PROMPT, "--seed", "0", "--max-new-tokens", "5"]
+    result = run(argv, env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == model.generate(PROMPT, seed=0, max_new_tokens=5) + "\n"  # the same weights
+
+
+def test_download_of_a_missing_model_is_one_line(env):
+    result = run(["download", "someorg/missing", "--quiet"], env, module=True)
+    assert_usage_error(result, "cannot download 'someorg/missing': ", prog="python -m gpt2np")
+
+
+# ---------------------------------------------------------------------------------------- serve, eval
+@pytest.mark.parametrize("command, module", [("serve", "gpt2np.server"), ("eval", "gpt2np.evaluate")])
+def test_serve_and_eval_pass_their_arguments_through(command, module, monkeypatch):
+    received = []
+    monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(main=lambda argv: received.append(argv) or 3))
+    assert cli.main([command, "--port", "8000", "--", "-x"], prog="gpt2np") == 3
+    assert received == [["--port", "8000", "--", "-x"]]
+
+
+def test_a_missing_command_module_is_one_line(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "gpt2np.server", None)  # makes `import gpt2np.server` fail
+    assert cli.main(["serve"], prog="gpt2np") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2np: error: the 'serve' command is not available") and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------------- entry points
+def test_console_script_entry_point(capsys):
+    """pyproject's `gpt2np = "gpt2np.cli:main"`: main() returns the status for sys.exit."""
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("gpt2np ")
+    installed = shutil.which("gpt2np", path=str(Path(sys.executable).parent))
+    if installed:
+        result = subprocess.run([installed, "--version"], capture_output=True, timeout=TIMEOUT)
+        assert result.returncode == 0 and result.stdout.startswith(b"gpt2np ")
+
+
+def test_stream_is_the_default_only_on_a_terminal():
+    terminal, pipe = types.SimpleNamespace(isatty=lambda: True), types.SimpleNamespace(isatty=lambda: False)
+    assert cli.should_stream(types.SimpleNamespace(stream=None), terminal)
+    assert not cli.should_stream(types.SimpleNamespace(stream=None), pipe)
+    assert not cli.should_stream(types.SimpleNamespace(stream=False), terminal)
+    assert cli.should_stream(types.SimpleNamespace(stream=True), pipe)
+
+
+def test_stop_flag_understands_backslash_escapes():
+    assert cli.stop_text("\\n") == "\n"
+    assert cli.stop_text("a\\tb\\\\n") == "a\tb\\n"
+    assert cli.stop_text("\\q") == "\\q"
+
+
+@pytest.mark.parametrize("text", ["日本語のテキスト" * 30, "naïve café " * 40, "one" + " word" * 200])
+def test_truncation_keeps_a_suffix_of_the_prompt_that_fits(text, model):
+    ids = model.tokenizer.encode(text)
+    kept = cli.last_tokens_text(model.tokenizer, ids, 10)
+    assert 0 < len(model.tokenizer.encode(kept)) <= 10
+    assert text.endswith(kept)  # whole characters only: no U+FFFD from a cut inside one

@@ -130,9 +130,7 @@ def top_p_keep(logits, top_p, candidates=None):  # [V] -> [V] bool
     k = min(V, 256)
     while True:
         best = np.argpartition(-z, k - 1)[:k] if k < V else np.arange(V)
-        # Most likely first; among equal logits the higher id first, as transformers' ascending
-        # sort followed by a cut from the bottom leaves them.
-        best = best[np.lexsort((-best, -z[best]))]
+        best = best[np.lexsort((best, -z[best]))]  # most likely first; equal logits by id
         mass = np.cumsum(probs[best])
         if mass[-1] >= top_p or k == V:
             break
@@ -144,18 +142,25 @@ def top_p_keep(logits, top_p, candidates=None):  # [V] -> [V] bool
     return keep
 
 
-def next_token(logits, options: GenerationOptions, rng: np.random.Generator, seen=None) -> int:  # [V] -> id
-    """Choose the next token from one row's logits (a scratch float32 array, changed in place)."""
-    if options.repetition_penalty != 1.0 and seen is not None:
-        apply_repetition_penalty(logits, seen, options.repetition_penalty)
-    if not options.do_sample:
-        return int(np.argmax(logits))
+def warp(logits, options: GenerationOptions):  # [V] -> [V] bool, or None for "every token"
+    """The sampling warpers in transformers' order: temperature (in place), then top_k, then top_p.
+    Returns which tokens may still be drawn."""
     logits /= np.float32(options.temperature)
     keep = None
     if options.top_k is not None:
         keep = top_k_keep(logits, options.top_k)
     if options.top_p < 1.0:
         keep = top_p_keep(logits, options.top_p, keep)
+    return keep
+
+
+def next_token(logits, options: GenerationOptions, rng: np.random.Generator, seen=None) -> int:  # [V] -> id
+    """Choose the next token from one row's logits (a scratch float32 array, changed in place)."""
+    if options.repetition_penalty != 1.0 and seen is not None:
+        apply_repetition_penalty(logits, seen, options.repetition_penalty)
+    if not options.do_sample:
+        return int(np.argmax(logits))
+    keep = warp(logits, options)
     ids = None if keep is None else np.flatnonzero(keep)  # the tokens that may be drawn
     z = (logits if ids is None else logits[ids]).astype(np.float64)
     cdf = np.cumsum(np.exp(z - z.max()))  # unnormalised: scale the uniform draw instead
@@ -246,6 +251,8 @@ class Decoder:
                 else:
                     alive.append(i)
             if step:
+                # The logits the tokens came from ([B', V], after in-place processing), row order `rows`.
+                self.logits, self.rows = logits, rows
                 yield step  # the caller may call finish() on rows here
             alive = [i for i in alive if int(rows[i]) not in self.finished]
             if not alive:

@@ -77,38 +77,46 @@ def _header(path: Path) -> tuple[dict, int]:
         return json.loads(f.read(n)), 8 + n
 
 
-def _bf16_to_f32(path: Path, info: dict, data_start: int) -> np.ndarray:
-    """bfloat16 is the top half of a float32, so shifting its 16 bits up by 16 gives the float32.
+# safetensors dtype -> the NumPy dtype its bytes are read as. BF16 has no NumPy dtype: it is the top
+# half of a float32, so its 16 bits are read as uint16 and shifted up by 16 (see `_to_float32`).
+_DTYPES = {"F32": "<f4", "F16": "<f2", "F64": "<f8", "BF16": "<u2"}
 
-    NumPy has no bfloat16 dtype and safetensors' NumPy API refuses it, so read the raw bits
-    (after safe_open has validated the header and offsets).
-    """
-    begin, end = info["data_offsets"]
-    bits = np.fromfile(path, dtype="<u2", count=(end - begin) // 2, offset=data_start + begin)
-    return (bits.astype(np.uint32) << 16).view(np.float32).reshape(info["shape"])
+
+def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float32, copy=False)
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Every tensor of one safetensors file as float32 NumPy arrays (F32 / F16 / BF16 / F64)."""
-    tensors = {}
+    """Every tensor of one safetensors file as float32 NumPy arrays (F32 / F16 / BF16 / F64).
+
+    The safetensors package validates the file first (header, dtypes, offsets that tile the
+    data exactly, file size). The bytes are then read straight into their arrays rather than
+    through a memory map: a map's pages would count in the process's memory beside the arrays,
+    doubling the peak while loading.
+    """
     try:
-        with safe_open(path, framework="np") as f:
+        with safe_open(path, framework="np") as f:  # raises on a malformed or truncated file
             names = list(f.keys())
-            dtypes = {name: f.get_slice(name).get_dtype() for name in names}
-            header, data_start = _header(path) if "BF16" in dtypes.values() else (None, 0)
-            for name in names:
-                if dtypes[name] == "BF16":
-                    tensors[name] = _bf16_to_f32(path, header[name], data_start)
-                elif dtypes[name] in ("F32", "F16", "F64"):
-                    tensors[name] = f.get_tensor(name).astype(np.float32, copy=False)
-                elif _BUFFER.fullmatch(name.removeprefix("transformer.")):
-                    tensors[name] = None  # a mask buffer (often BOOL or U8): dropped below, never read
-                else:
-                    raise ValueError(f"{path}: tensor {name!r} has dtype {dtypes[name]}; expected F32, F16 or BF16")
+        header, data_start = _header(path)
     except SafetensorError as e:
         raise ValueError(f"{path} is not a valid safetensors file ({e}); re-download or re-save it") from e
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e}") from e
+    tensors = {}
+    with open(path, "rb") as f:
+        for name in names:
+            info = header[name]
+            if _BUFFER.fullmatch(name.removeprefix("transformer.")):
+                tensors[name] = None  # a mask buffer (often BOOL or U8): dropped by the caller, never read
+                continue
+            if info["dtype"] not in _DTYPES:
+                raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; expected F32, F16 or BF16")
+            begin, end = info["data_offsets"]
+            f.seek(data_start + begin)
+            raw = np.fromfile(f, dtype=_DTYPES[info["dtype"]], count=(end - begin) // np.dtype(_DTYPES[info["dtype"]]).itemsize)
+            tensors[name] = _to_float32(raw, info["dtype"]).reshape(info["shape"])
     return tensors
 
 

@@ -263,5 +263,9 @@ class Tokenizer:
         """The raw bytes of one token (for streaming: join bytes, then decode)."""
         return self.decode_bytes([token])
 
+    def mergeable_ranks(self) -> dict[bytes, int]:
+        """Each ordinary token's bytes -> its id (its merge rank): the table tiktoken's Encoding takes."""
+        return {self._token_bytes[i]: i for i in self.encoder.values() if i not in self.special_tokens.values()}
+
     def __repr__(self) -> str:
         return f"Tokenizer(n_vocab={self.n_vocab}, merges={len(self.bpe_ranks)})"

@@ -1,0 +1,312 @@
+"""gpt2np benchmarks: tokenizer throughput and model speed / memory, next to the references.
+
+Prints one table: each figure for gpt2np, for the reference (tiktoken, or transformers on PyTorch)
+when installed, their ratio, and the floor where one exists. Every figure is the median of
+`--repeat` runs made in this process, so the ratios compare runs made seconds apart on the same
+(noisy) machine.
+
+    python scripts/bench.py                      # tokenizer + random full-size gpt2 (124M)
+    python scripts/bench.py --shape gpt2-medium  # the 24-layer, 1024-wide shape
+    python scripts/bench.py --model path/to/ckpt # a real checkpoint folder
+    python scripts/bench.py --only tokenizer     # one part: tokenizer | model
+
+The floor: decoding one token at batch 1 must multiply a vector by every weight matrix once, so
+the time of exactly those vector-matrix products over the same weights, in float32 with NumPy's
+BLAS, is a floor no float32 implementation can go below on this machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from gpt2np import GPT2, GPT2Config, Tokenizer  # noqa: E402
+from gpt2np.checkpoint import random_state_dict, save_checkpoint  # noqa: E402
+from gpt2np.generation import Decoder, GenerationOptions, row_generators  # noqa: E402
+
+ROWS: list[tuple[str, str, str, str, str]] = []  # (what, gpt2np, reference, ratio, floor)
+
+
+def row(what, ours, ref=None, *, unit="", fmt="{:.1f}", higher_is_better=True, floor=None):
+    show = lambda v: "-" if v is None else (fmt.format(v) + unit)  # noqa: E731
+    ratio = "-"
+    if ours is not None and ref is not None and ref > 0 and ours > 0:
+        ratio = f"{(ours / ref) if higher_is_better else (ref / ours):.2f}x"
+    ROWS.append((what, show(ours), show(ref), ratio, floor or "-"))
+
+
+def median_time(fn, repeat):
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+def real_text(min_bytes=400_000) -> str:
+    """Real English prose: the Python reference manual's topics that CPython ships (~460 KB)."""
+    from pydoc_data.topics import topics
+
+    text = "\n\n".join(topics[k] for k in sorted(topics))
+    assert len(text.encode()) >= min_bytes
+    return text
+
+
+def cold_encode_time(make, text, repeat):
+    """Encode time with a fresh tokenizer each run (empty caches); building it is not timed."""
+    times = []
+    for _ in range(repeat):
+        tok = make()
+        t = time.perf_counter()
+        tok.encode(text, disallowed_special=())
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_tokenizer(repeat):
+    text = real_text()
+    mb = len(text.encode()) / 1e6
+    load = median_time(Tokenizer, repeat)
+    cold = cold_encode_time(Tokenizer, text, repeat)
+    tok = Tokenizer()
+    tok.encode(text, disallowed_special=())
+    warm = median_time(lambda: tok.encode(text, disallowed_special=()), repeat)
+    ref_cold = ref_warm = None
+    try:
+        import tiktoken
+
+        from gpt2np.tokenizer import GPT2_PATTERN
+
+        ranks = tok.mergeable_ranks()
+        make = lambda: tiktoken.Encoding(name=f"gpt2-bench-{time.perf_counter_ns()}", pat_str=GPT2_PATTERN,  # noqa: E731
+                                         mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})  # fmt: skip
+        ref_cold = cold_encode_time(make, text, repeat)
+        enc = make()
+        enc.encode(text, disallowed_special=())
+        ref_warm = median_time(lambda: enc.encode(text, disallowed_special=()), repeat)
+        ref_cold = mb / ref_cold
+        ref_warm = mb / ref_warm
+    except ImportError:
+        pass
+    row(f"tokenizer: cold encode, {mb * 1000:.0f} KB prose, fresh Tokenizer()", mb / cold, ref_cold, unit=" MB/s", floor="target >= 2 MB/s")
+    row("tokenizer: warm encode (same text again)", mb / warm, ref_warm, unit=" MB/s")
+    row("tokenizer: vocabulary load", load, None, unit=" s", fmt="{:.3f}", higher_is_better=False, floor="target < 0.3 s")
+
+
+# ------------------------------------------------------------------------------------ model
+def make_checkpoint(shape: str, folder: Path) -> Path:
+    config = GPT2Config.preset(shape)
+    save_checkpoint(folder, config, random_state_dict(config, seed=0))
+    return folder
+
+
+def floor_seconds(model, repeat) -> float:
+    """Time of the bare vector-matrix products of one decoding step over the model's weights."""
+    mats = [p["attn"]["c_attn"]["weight"] for p in model.params["h"]]
+    mats += [p["attn"]["c_proj"]["weight"] for p in model.params["h"]]
+    mats += [p["mlp"]["c_fc"]["weight"] for p in model.params["h"]]
+    mats += [p["mlp"]["c_proj"]["weight"] for p in model.params["h"]]
+    wte = model.lm_head_weight
+    vectors = {w.shape[0]: np.ones((1, w.shape[0]), np.float32) for w in mats}
+    v = np.ones((1, wte.shape[1]), np.float32)
+
+    def step():
+        for w in mats:
+            vectors[w.shape[0]] @ w
+        v @ wte.T
+
+    step()
+    return median_time(step, max(repeat, 5))
+
+
+def ours_decode(model, batch, prompt_len, new_tokens):
+    prompts = [[(13 * b + i) % 50000 + 1 for i in range(prompt_len)] for b in range(batch)]
+    out = model.generate_ids(prompts, max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
+    assert all(len(o) == new_tokens for o in out)
+
+
+def ours_step_rate(model, position, steps=32):
+    """Tokens/s of decoding steps after a prompt of `position` tokens (prefill excluded)."""
+    prompt = [(7 * i) % 50000 + 1 for i in range(position)]
+    decoder = Decoder(model, [prompt], [GenerationOptions(do_sample=False, max_new_tokens=steps + 1, ignore_eos=True)],
+                      row_generators(0, 1))  # fmt: skip
+    it = iter(decoder)
+    next(it)  # prefill + first token
+    t = time.perf_counter()
+    n = sum(1 for _ in it)
+    return n / (time.perf_counter() - t)
+
+
+def hf_model(folder):
+    try:
+        import torch
+        from transformers import GPT2LMHeadModel
+        from transformers.utils import logging
+    except ImportError:
+        return None, None
+    logging.set_verbosity_error()
+    return torch, GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+def hf_decode(torch, model, batch, prompt_len, new_tokens):
+    ids = torch.tensor([[(13 * b + i) % 50000 + 1 for i in range(prompt_len)] for b in range(batch)])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                             do_sample=False, pad_token_id=0)  # fmt: skip
+    assert out.shape[1] == prompt_len + new_tokens
+
+
+def hf_prefill(torch, model, T):
+    ids = torch.tensor([[(7 * i) % 50000 + 1 for i in range(T)]])
+    with torch.inference_mode():
+        model(ids, use_cache=False)
+
+
+PEAK_RSS_CHILD = """
+import resource, sys
+sys.path.insert(0, {root!r})
+which, folder = sys.argv[1], sys.argv[2]
+if which == "gpt2np":
+    from gpt2np import GPT2
+    m = GPT2.from_pretrained(folder)
+    m.generate_ids([[1, 2, 3, 4, 5, 6, 7, 8]], max_new_tokens=128, do_sample=False, ignore_eos=True)
+else:
+    import torch
+    from transformers import GPT2LMHeadModel
+    m = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        m.generate(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+"""
+
+
+def peak_rss_mib(which, folder):
+    code = PEAK_RSS_CHILD.format(root=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", code, which, str(folder)], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
+    load = median_time(lambda: GPT2.from_pretrained(folder), repeat)
+    model = GPT2.from_pretrained(folder)
+    torch, hf = hf_model(folder)
+    hf_load = median_time(lambda: hf_model(folder), repeat) if hf is not None else None
+    c = model.config
+    floor = floor_seconds(model, repeat)
+    title = f"{label} ({c.n_layer} layers, {c.n_embd} wide)"
+
+    ours_decode(model, 1, 8, 4)  # warm up
+    t1 = median_time(lambda: ours_decode(model, 1, 8, new_tokens), repeat)
+    h1 = None
+    if hf is not None:
+        hf_decode(torch, hf, 1, 8, 4)
+        h1 = median_time(lambda: hf_decode(torch, hf, 1, 8, new_tokens), repeat)
+    row(f"{title}: greedy decode, batch 1, 8-token prompt, {new_tokens} new", new_tokens / t1, h1 and new_tokens / h1,
+        unit=" tok/s", floor=f"{1 / floor:.1f} tok/s ({floor * 1e3:.1f} ms/token); gpt2np at {floor / (t1 / new_tokens):.0%}")  # fmt: skip
+
+    T = c.n_ctx
+    model(np.arange(16))
+    tp = median_time(lambda: model(np.arange(T) % 50000 + 1), repeat)
+    hp = median_time(lambda: hf_prefill(torch, hf, T), repeat) if hf is not None else None
+    row(f"{title}: prefill, {T} tokens (logits for every position)", T / tp, hp and T / hp, unit=" tok/s")
+
+    t8 = median_time(lambda: ours_decode(model, 8, 8, new_tokens), repeat)
+    h8 = median_time(lambda: hf_decode(torch, hf, 8, 8, new_tokens), repeat) if hf is not None else None
+    row(f"{title}: greedy decode, batch 8, {new_tokens} new each (total)", 8 * new_tokens / t8, h8 and 8 * new_tokens / h8, unit=" tok/s")
+
+    early = statistics.median(ours_step_rate(model, 10) for _ in range(repeat))
+    late = statistics.median(ours_step_rate(model, min(900, c.n_ctx - 40)) for _ in range(repeat))
+    row(f"{title}: decode step rate at position 10 / 900", early, None, unit=" tok/s",
+        floor=f"at 900: {late:.1f} tok/s = {late / early:.0%} of position 10 (target >= 75%)")  # fmt: skip
+
+    row(f"{title}: load (from_pretrained, file in page cache)", load, hf_load, unit=" s", fmt="{:.2f}",
+        higher_is_better=False, floor="target < 1 s")  # fmt: skip
+    rss = peak_rss_mib("gpt2np", folder)
+    hf_rss = peak_rss_mib("transformers", folder) if hf is not None else None
+    weights_mib = sum(a.nbytes for a in _arrays(model.params)) / 2**20
+    row(f"{title}: peak RSS, load + {128} tokens", rss, hf_rss, unit=" MiB", fmt="{:.0f}", higher_is_better=False,
+        floor=f"weights: {weights_mib:.0f} MiB; target < 800 MiB for 124M")  # fmt: skip
+
+
+def _arrays(tree):
+    if isinstance(tree, dict):
+        for v in tree.values():
+            yield from _arrays(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            yield from _arrays(v)
+    else:
+        yield tree
+
+
+# ------------------------------------------------------------------------------------ report
+def machine() -> str:
+    blas = "unknown"
+    try:
+        from threadpoolctl import threadpool_info
+
+        info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
+        if info:
+            i = info[0]
+            blas = f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, {i.get('num_threads')} threads)"
+    except ImportError:
+        pass
+    versions = [f"numpy {np.__version__}"]
+    for name in ("torch", "transformers", "tiktoken"):
+        try:
+            versions.append(f"{name} {__import__(name).__version__}")
+        except ImportError:
+            pass
+    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, BLAS: {blas}; " + ", ".join(versions)
+
+
+def print_table(repeat):
+    header = ("what", "gpt2np", "reference", "ratio", "floor / target")
+    widths = [max(len(r[i]) for r in [header, *ROWS]) for i in range(5)]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    print(f"machine: {machine()}")
+    print(f"median of {repeat} runs; reference = tiktoken for the tokenizer, transformers (PyTorch) for the model")
+    print(line(header))
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in ROWS:
+        print(line(r))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="a checkpoint folder (default: a random checkpoint of --shape)")
+    parser.add_argument("--shape", default="gpt2", help="preset shape for the random checkpoint (default: gpt2)")
+    parser.add_argument("--only", choices=["tokenizer", "model"], help="run one part only")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the median is reported (default: 3)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per decode run (default: 128)")
+    args = parser.parse_args(argv)
+    if args.only != "model":
+        bench_tokenizer(args.repeat)
+    if args.only != "tokenizer":
+        if args.model:
+            bench_model(Path(args.model), Path(args.model).name, args.repeat, args.new_tokens)
+        else:
+            with tempfile.TemporaryDirectory() as tmp:
+                folder = make_checkpoint(args.shape, Path(tmp) / args.shape)
+                bench_model(folder, f"{args.shape} shape, random weights", args.repeat, args.new_tokens)
+    print_table(args.repeat)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,18 @@
+#!/usr/bin/env python
+"""Zero-shot evaluation of a GPT-2 checkpoint against the model card's table.
+
+    python scripts/evaluate.py --model gpt2 --task lambada
+    python scripts/evaluate.py --model gpt2 --task wikitext2 --data wikitext-2/wiki.test.tokens
+
+The same command as `gpt2np eval`; see `--help` and docs/evaluation.md for each task's method.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+
+from gpt2np.evaluate import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(prog="scripts/evaluate.py"))

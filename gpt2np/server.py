@@ -1,0 +1,771 @@
+"""`gpt2np serve`: a scoring endpoint in the GPT-2 model card's request format, batching clients.
+
+Clients POST the model card's body to /score and get back a JSON list of strings, one per prompt:
+
+    {"input_data": ["My name is John and I am", "Once upon a time,"],
+     "params": {"top_p": 1.0, "temperature": 0.8, "max_new_tokens": 100, "do_sample": true,
+                "return_full_text": true}}
+
+`GET /` answers 200 `Healthy` (the liveness route of the Azure inference server) and `GET /health`
+a JSON summary (model, queue depth, rows decoding).
+
+Standard library only: a ThreadingHTTPServer parses and validates requests in one thread per
+connection and hands each accepted request (a `Job`) to the `Scheduler`, whose single worker
+thread owns the model. The worker decodes every prompt of every running job in one batch, one
+token per row per step (continuous batching, as TGI and vLLM do it): between two steps, jobs that
+arrived meanwhile are prefilled and join the batch, and rows that finished leave it. Twelve
+clients therefore share the cost of reading the weights at every step instead of waiting in line.
+
+Every row keeps its own options and random generator (row i of a request draws from the i-th
+child of the request's seed, as in `GPT2.generate`), so a request's text does not depend on who
+shared its batch, up to float32 rounding: BLAS may round a row's matrix products differently for
+different batch sizes and padding (differences near 1e-7), which can only matter when two logits
+tie to that precision.
+
+The library prints nothing; this server writes its own log to stderr: a start line, one line per
+request (client, method, path, status, prompts, new tokens, seconds) and a stop line.
+
+Shape letters as in gpt2np.model: B rows in the batch, H heads, D head size, C channels,
+V vocabulary, S cache columns; b and w are the rows and columns of a part being laid out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from .generation import GenerationOptions, RowText, next_token, prepare_prompts, row_generators
+from .model import causal_mask, gpt2, lm_head
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 5001
+DEFAULT_MAX_BATCH_SIZE = 16  # prompts (rows) decoded together
+DEFAULT_MAX_QUEUE = 64  # requests waiting for a place in the batch
+DEFAULT_TIMEOUT = 300.0  # seconds from arrival to answer
+DEFAULT_MAX_BODY_BYTES = 1_000_000
+
+# The model card's five params first, then the rest of GenerationOptions, the seed and the text mode.
+KNOWN_PARAMS = ("top_p", "temperature", "max_new_tokens", "do_sample", "return_full_text",
+                "top_k", "repetition_penalty", "stop", "seed", "ignore_eos")  # fmt: skip
+EXAMPLE_BODY = '{"input_data": ["a prompt"], "params": {"max_new_tokens": 100}}'
+
+
+class HTTPError(Exception):
+    """A request answered with an error status and {"error": message}."""
+
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None, detail: str = ""):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or {}
+        self.detail = detail  # for the server log only (the cause of a 500)
+
+
+# ---------------------------------------------------------------------------------------- requests
+def parse_body(body: bytes) -> dict:
+    """The /score body as a dict with `input_data` and maybe `params`, or a 400 naming the problem."""
+    if not body:
+        raise HTTPError(400, f"the request body is empty; send a JSON object such as {EXAMPLE_BODY}")
+    try:
+        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
+    except UnicodeDecodeError:
+        raise HTTPError(400, "the request body is not UTF-8; JSON must be encoded in UTF-8") from None
+    except ValueError as e:
+        raise HTTPError(400, f"the request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise HTTPError(400, f"the request body must be a JSON object such as {EXAMPLE_BODY}, got {_json_type(data)}")
+    unknown = sorted(set(data) - {"input_data", "params"})
+    if unknown:
+        raise HTTPError(400, f"unknown field {', '.join(unknown)}; the body holds input_data and params")
+    if "input_data" not in data:
+        raise HTTPError(400, f"missing input_data: send the prompts as a list, e.g. {EXAMPLE_BODY}")
+    prompts = data["input_data"]
+    if isinstance(prompts, str):
+        raise HTTPError(400, 'input_data must be a list of strings: wrap a single prompt as ["..."]')
+    if not isinstance(prompts, list) or not prompts:
+        got = _json_type(prompts, empty=prompts == [])
+        raise HTTPError(400, f"input_data must be a non-empty list of prompt strings, got {got}")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise HTTPError(400, f"input_data[{i}] must be a string, got {_json_type(prompt)}")
+    return data
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _json_type(value, empty=False) -> str:
+    """The JSON name of a parsed value's type, for error messages."""
+    if empty:
+        return "an empty list"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "an object"}[type(value)]
+
+
+def parse_params(params) -> tuple[GenerationOptions, int | None, bool]:
+    """`params` -> (options, seed, return_full_text); a 400 names the field of any bad value."""
+    if not isinstance(params, dict):
+        raise HTTPError(400, f'params must be a JSON object such as {{"max_new_tokens": 100}}, got {_json_type(params)}')
+    unknown = sorted(set(params) - set(KNOWN_PARAMS))
+    if unknown:
+        raise HTTPError(400, f"unknown params: {', '.join(unknown)}; the known params are {', '.join(KNOWN_PARAMS)}")
+    seed = params.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
+        raise HTTPError(400, f"params.seed must be a non-negative integer or null, got {json.dumps(seed)}")
+    return_full_text = params.get("return_full_text", True)
+    if not isinstance(return_full_text, bool):
+        raise HTTPError(400, f"params.return_full_text must be true or false, got {json.dumps(return_full_text)}")
+    try:
+        options = GenerationOptions.make(**{k: v for k, v in params.items() if k not in ("seed", "return_full_text")})
+    except (TypeError, ValueError) as e:  # GenerationOptions names the field first
+        raise HTTPError(400, f"params.{e}") from None
+    return options, seed, return_full_text
+
+
+def check_lengths(ids: list[list[int]], options: GenerationOptions, n_ctx: int, cap: int | None) -> None:
+    """Every prompt plus max_new_tokens must fit the context, and max_new_tokens the server's cap."""
+    longest = max(range(len(ids)), key=lambda i: len(ids[i]))
+    n = len(ids[longest])
+    if n >= n_ctx:
+        raise HTTPError(400, f"input_data[{longest}] is {n} tokens, which leaves no room to generate in the "
+                             f"model's context of {n_ctx} tokens; shorten it")  # fmt: skip
+    limit, reason = n_ctx - n, f"the context of {n_ctx} tokens minus the {n} of input_data[{longest}]"
+    if cap is not None and cap < limit:
+        limit, reason = cap, "this server's --max-new-tokens-cap"
+    if options.max_new_tokens > limit:
+        raise HTTPError(400, f"params.max_new_tokens must be at most {limit} here ({reason}), "
+                             f"got {options.max_new_tokens}")  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- jobs
+class Row:
+    """One prompt of a job while it decodes: its options, generator, text so far and token count."""
+
+    def __init__(self, job: Job, ids: list[int], options: GenerationOptions, rng, tokenizer, vocab_size: int):
+        self.job, self.ids, self.options, self.rng = job, ids, options, rng
+        self.text = RowText(tokenizer, options.stop)
+        self.n_new = 0
+        self.seen = None  # tokens of the prompt and output, for the repetition penalty
+        if options.repetition_penalty != 1.0:
+            self.seen = np.zeros(vocab_size, dtype=bool)
+            self.seen[ids] = True
+
+    def choose(self, logits, eos: int) -> int | None:  # [V] scratch -> id
+        """Pick this row's next token; None when the row has finished (the token is not fed back)."""
+        token = next_token(logits, self.options, self.rng, self.seen)
+        if token == eos and not self.options.ignore_eos:
+            return None
+        self.n_new += 1
+        if self.seen is not None:
+            self.seen[token] = True
+        stopped = self.text.add(token)
+        return None if stopped or self.n_new >= self.options.max_new_tokens else token
+
+
+class Job:
+    """One accepted /score request: its rows, and the outcome its handler waits for.
+
+    The outcome is set once, by whichever comes first: the worker (all rows finished, or a
+    failure) or the handler (timeout).
+    """
+
+    def __init__(self, prompts: list[str], ids: list[list[int]], options: GenerationOptions, seed,
+                 return_full_text: bool, model):  # fmt: skip
+        self.prompts, self.return_full_text = prompts, return_full_text
+        rngs = row_generators(seed, len(prompts))
+        self.rows = [Row(self, p, options, rng, model.tokenizer, model.config.vocab_size) for p, rng in zip(ids, rngs)]
+        self.n_admitted = 0  # rows handed to the batch so far
+        self.n_unfinished = len(self.rows)
+        self.done = threading.Event()
+        self.texts: list[str] | None = None
+        self.error: HTTPError | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def closed(self) -> bool:
+        return self.done.is_set()
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(row.n_new for row in self.rows)
+
+    def row_finished(self) -> None:
+        self.n_unfinished -= 1
+        if self.n_unfinished == 0:
+            for row in self.rows:
+                row.text.close()
+            texts = [row.text.text for row in self.rows]
+            if self.return_full_text:
+                texts = [p + t for p, t in zip(self.prompts, texts)]
+            self._settle(texts, None)
+
+    def fail(self, error: HTTPError) -> bool:
+        """End the job with an error; False if it had already ended."""
+        return self._settle(None, error)
+
+    def _settle(self, texts, error) -> bool:
+        with self._lock:
+            if self.done.is_set():
+                return False
+            self.texts, self.error = texts, error
+            self.done.set()
+            return True
+
+
+def internal_error(e: BaseException) -> HTTPError:
+    """A 500 with a short message; the exception itself goes to the server log."""
+    detail = f"{type(e).__name__}: {e}".replace("\n", " ")[:300]
+    return HTTPError(500, f"internal error ({type(e).__name__}); the server log has the details", detail=detail)
+
+
+# ---------------------------------------------------------------------------------------- batching
+@dataclass
+class RowsState:
+    """The decoding state of some rows: a KV cache over w columns in which each row's tokens are
+    right-aligned (its padding on the left), which columns hold real tokens, the position each
+    row's next token takes, and each row's logits for that token."""
+
+    rows: list[Row]
+    cache: np.ndarray  # [n_layer, 2, b, H, w, D]
+    key_valid: np.ndarray  # [b, w]
+    positions: np.ndarray  # [b]
+    logits: np.ndarray  # [b, V]
+
+
+class Batch:
+    """The rows decoding together and their shared KV cache.
+
+    The cache is one buffer [n_layer, 2, B, H, S_cap, D] with one write column, `end`: every row's
+    next token goes there, so rows are right-aligned and a row that joined with a shorter history
+    has padding on its left, hidden by `key_valid` (and zero: masked attention weights are exact
+    zeros, and 0 * garbage could be NaN). Positions count from each row's first token, so padding
+    changes nothing but rounding. Rows join between steps (their prompts prefilled in a pass of
+    their own, then copied in) and leave when they finish; both re-lay the cache tightly, with room
+    for the rows' remaining tokens.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.clear()
+
+    def clear(self) -> None:
+        self.state: RowsState | None = None
+        self.end = 0  # the column the next token of every row is written to
+
+    @property
+    def rows(self) -> list[Row]:
+        return [] if self.state is None else self.state.rows
+
+    def add(self, rows: list[Row]) -> None:
+        """Prefill `rows` and let them join the batch."""
+        new = self.prefill(rows)
+        self._lay_out([new] if self.state is None else [self._used(range(len(self.rows))), new])
+
+    def keep(self, indices: list[int]) -> None:
+        """Keep only the rows at `indices` (in that order)."""
+        if len(indices) == len(self.rows):
+            return
+        if not indices:
+            self.clear()
+        else:
+            self._lay_out([self._used(indices)])
+
+    def forward(self, tokens: np.ndarray) -> None:  # [B] ids, one per row
+        """Feed each row its chosen token: one decoding step; refreshes every row's logits."""
+        if self.end == self.state.key_valid.shape[1]:  # no room left (the layout leaves enough)
+            self._lay_out([self._used(range(len(self.rows)))])
+        model, s, start = self.model, self.state, self.end
+        s.key_valid[:, start] = True
+        valid = s.key_valid[:, : start + 1]
+        mask = None if valid.all() else causal_mask(valid, start, 1)  # padding to hide?
+        x = gpt2(tokens[:, None], s.positions[:, None], model.params, model.config, mask=mask,
+                 kv_cache=s.cache, start=start)  # [B, 1, C]  # fmt: skip
+        s.logits = lm_head(x[:, -1], model.lm_head_weight)  # [B, V]
+        s.positions += 1
+        self.end += 1
+
+    def prefill(self, rows: list[Row]) -> RowsState:
+        """Run the prompts of `rows`, left-padded to the longest, into a cache of their own."""
+        model, config = self.model, self.model.config
+        lengths = np.array([len(r.ids) for r in rows])
+        L = int(lengths.max())
+        pad = L - lengths
+        ids = np.zeros((len(rows), L), dtype=np.intp)  # padding id 0 is masked out
+        key_valid = np.zeros((len(rows), L), dtype=bool)  # [b, L]
+        for i, row in enumerate(rows):
+            ids[i, pad[i] :] = row.ids
+            key_valid[i, pad[i] :] = True
+        positions = np.maximum(np.arange(L)[None, :] - pad[:, None], 0)  # [b, L], each row from 0
+        H, D = config.n_head, config.head_size
+        cache = np.zeros((config.n_layer, 2, len(rows), H, L, D), dtype=np.float32)
+        x = gpt2(ids, positions, model.params, config, mask=causal_mask(key_valid, 0, L), kv_cache=cache, start=0)
+        logits = lm_head(x[:, -1], model.lm_head_weight)  # [b, V]
+        return RowsState(list(rows), cache, key_valid, lengths, logits)
+
+    def _used(self, indices) -> RowsState:
+        """The rows at `indices`, cut to the columns they use (up to `end`)."""
+        idx = np.asarray(indices, dtype=np.intp)
+        s = self.state
+        key_valid = s.key_valid[idx, : self.end]
+        lead = int(np.argmax(key_valid.any(axis=0)))  # the first column any of these rows uses
+        return RowsState([self.rows[i] for i in idx], s.cache[:, :, idx, :, lead : self.end],
+                         key_valid[:, lead:], s.positions[idx], s.logits[idx])  # fmt: skip
+
+    def _lay_out(self, parts: list[RowsState]) -> None:
+        """A new cache holding every part's rows right-aligned at `end`, with room for the tokens the
+        rows may still feed back. np.zeros maps zero pages lazily: the room costs nothing until written."""
+        width = max(p.key_valid.shape[1] for p in parts)
+        rows = [row for p in parts for row in p.rows]
+        room = max(row.options.max_new_tokens - row.n_new for row in rows)
+        n_layer, _, _, H, _, D = parts[0].cache.shape
+        cache = np.zeros((n_layer, 2, len(rows), H, width + room, D), dtype=np.float32)
+        key_valid = np.zeros((len(rows), width + room), dtype=bool)
+        b = 0
+        for p in parts:
+            n, w = len(p.rows), p.key_valid.shape[1]
+            cache[:, :, b : b + n, :, width - w : width] = p.cache
+            key_valid[b : b + n, width - w : width] = p.key_valid
+            b += n
+        positions = np.concatenate([p.positions for p in parts])
+        logits = np.concatenate([p.logits for p in parts])
+        self.state = RowsState(rows, cache, key_valid, positions, logits)
+        self.end = width
+
+
+class Scheduler:
+    """Owns the model: one worker thread decodes every accepted job in one batch.
+
+    At each step the worker admits waiting jobs, first come first served, while the batch has room
+    for their rows (a job larger than the batch joins a few rows at a time), then chooses one
+    token for every row and feeds the tokens back in one forward pass.
+    """
+
+    def __init__(self, model, *, max_batch_size: int, max_queue: int):
+        self.model, self.max_batch_size, self.max_queue = model, max_batch_size, max_queue
+        self.batch = Batch(model)
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._thread = threading.Thread(target=self._run, name="gpt2np-worker", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or a 503 when the server is stopping or the queue is full."""
+        with self._cond:
+            if self._closing:
+                raise HTTPError(503, "the server is shutting down; send the request again to a running server",
+                                headers={"Connection": "close"})  # fmt: skip
+            if len(self._waiting) >= self.max_queue:
+                raise HTTPError(503, f"the queue is full ({self.max_queue} requests waiting); retry shortly",
+                                headers={"Retry-After": "1"})  # fmt: skip
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def close(self) -> None:
+        """Refuse new jobs; the worker ends once every accepted job has finished."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def join(self, timeout: float | None = None) -> None:
+        self._thread.join(timeout)
+
+    def depth(self) -> tuple[int, int]:
+        """(requests waiting, prompt rows decoding)."""
+        with self._cond:
+            return sum(not job.closed for job in self._waiting), len(self.batch.rows)
+
+    def _run(self) -> None:
+        while (groups := self._admit()) is not None:
+            self._join(groups)
+            if not self.batch.rows:
+                continue
+            try:
+                self._step()
+            except Exception as e:  # noqa: BLE001 - cannot tell whose row failed: all of them
+                for job in {row.job for row in self.batch.rows}:
+                    job.fail(internal_error(e))
+                self.batch.clear()
+
+    def _admit(self) -> list[list[Row]] | None:
+        """Rows of waiting jobs that fit in the batch, grouped by job; blocks while there is nothing
+        to do, and gives None once closing with nothing left."""
+        with self._cond:
+            while not self._waiting and not self.batch.rows:
+                if self._closing:
+                    return None
+                self._cond.wait()
+            groups = []
+            room = self.max_batch_size - len(self.batch.rows)
+            while self._waiting and room > 0:
+                job = self._waiting[0]
+                if job.closed:  # timed out while waiting
+                    self._waiting.popleft()
+                    continue
+                rows = job.rows[job.n_admitted : job.n_admitted + room]
+                job.n_admitted += len(rows)
+                room -= len(rows)
+                if job.n_admitted == len(job.rows):
+                    self._waiting.popleft()
+                groups.append(rows)
+            return groups
+
+    def _join(self, groups: list[list[Row]]) -> None:
+        """Prefill newly admitted rows and add them to the batch: all in one pass (the weights are read
+        once) unless left padding would more than double the work; one pass per job if that fails,
+        so that only the job that fails gets the 500."""
+        rows = [row for group in groups for row in group]
+        lengths = [len(row.ids) for row in rows]
+        if len(groups) > 1 and len(rows) * max(lengths) <= 2 * sum(lengths):
+            try:
+                self.batch.add(rows)
+                return
+            except Exception:  # noqa: BLE001, S110 - retried job by job below
+                pass
+        for group in groups:
+            try:
+                self.batch.add(group)
+            except Exception as e:  # noqa: BLE001 - this job fails, the others go on
+                group[0].job.fail(internal_error(e))
+
+    def _step(self) -> None:
+        """One token for every row: choose from the logits, settle finished rows, feed the rest."""
+        batch, eos = self.batch, self.model.config.eos_token_id
+        chosen: dict[int, int] = {}  # batch index -> token to feed back
+        for i, row in enumerate(batch.rows):
+            if row.job.closed:  # failed or timed out: its rows leave the batch
+                continue
+            try:
+                token = row.choose(batch.state.logits[i], eos)
+            except Exception as e:  # noqa: BLE001 - this job fails, the others go on
+                row.job.fail(internal_error(e))
+                continue
+            if token is None:
+                row.job.row_finished()
+            else:
+                chosen[i] = token
+        keep = [i for i in chosen if not batch.rows[i].job.closed]
+        batch.keep(keep)
+        if batch.rows:
+            batch.forward(np.array([chosen[i] for i in keep], dtype=np.intp))
+
+
+# ---------------------------------------------------------------------------------------- HTTP
+class ScoringServer(ThreadingHTTPServer):
+    """The HTTP side: routes, limits and the request log; generation is the scheduler's."""
+
+    daemon_threads = True  # an idle keep-alive connection does not hold the process at exit
+    request_queue_size = 128  # connections waiting to be accepted (socketserver's default is 5)
+
+    def __init__(self, address, model, *, model_name: str, max_batch_size=DEFAULT_MAX_BATCH_SIZE,
+                 max_queue=DEFAULT_MAX_QUEUE, timeout=DEFAULT_TIMEOUT, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
+                 max_new_tokens_cap: int | None = None, log=sys.stderr):  # fmt: skip
+        super().__init__(address, ScoringHandler)
+        self.model, self.model_name = model, model_name
+        self.timeout_seconds, self.max_body_bytes, self.max_new_tokens_cap = timeout, max_body_bytes, max_new_tokens_cap
+        self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue)
+        self.scheduler.start()
+        self._log, self._log_lock = log, threading.Lock()
+        self._inflight, self._idle = 0, threading.Condition()
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def log(self, line: str) -> None:
+        with self._log_lock:
+            print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}", file=self._log, flush=True)
+
+    @contextmanager
+    def in_flight(self):
+        """Count a request from its arrival until its answer is written."""
+        with self._idle:
+            self._inflight += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._inflight -= 1
+                self._idle.notify_all()
+
+    def stop_gracefully(self, answer_timeout: float = 10.0) -> None:
+        """Refuse new requests, finish the accepted ones, write their answers, close."""
+        self.scheduler.close()  # /score on open connections now answers 503
+        self.shutdown()  # the accept loop ends...
+        self.server_close()  # ...and the socket closes: new connections are refused
+        self.scheduler.join()  # every accepted job finished (or timed out)
+        with self._idle:
+            self._idle.wait_for(lambda: self._inflight == 0, timeout=answer_timeout)
+
+
+class ScoringHandler(BaseHTTPRequestHandler):
+    """Routes: POST /score, GET /, GET /health. Every answer is logged in one line."""
+
+    server: ScoringServer
+    protocol_version = "HTTP/1.1"  # keep-alive
+    server_version = "gpt2np"
+    timeout = 30  # seconds a client may stall while sending a request
+
+    ROUTES = {("POST", "/score"): "score", ("GET", "/"): "liveness", ("GET", "/health"): "health"}
+
+    # -- dispatch
+    def do_GET(self):
+        self._serve()
+
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_GET
+
+    def _serve(self) -> None:
+        self._begin()
+        with self.server.in_flight():  # a graceful stop waits until the answer is written
+            try:
+                status, content_type, body, headers = getattr(self, self._route())()
+            except HTTPError as e:
+                self._reply_error(e)
+                return
+            except Exception as e:  # noqa: BLE001 - answer 500 and keep serving
+                self._reply_error(internal_error(e))
+                return
+            self._reply(status, content_type, body, headers)
+
+    def _begin(self) -> None:
+        """Start the figures of this request's log line."""
+        self._started = time.monotonic()
+        self._prompts = self._new_tokens = 0
+        self._body_read = False
+
+    def _route(self) -> str:
+        path = urlsplit(self.path).path
+        name = self.ROUTES.get((self.command, path))
+        if name:
+            return name
+        allowed = [method for method, route in self.ROUTES if route == path]
+        if allowed:
+            raise HTTPError(405, f"{self.command} {path} is not allowed; use {' or '.join(allowed)} {path}",
+                            headers={"Allow": ", ".join(allowed)})  # fmt: skip
+        raise HTTPError(404, f"no route {self.command} {path}; the routes are POST /score, GET / and GET /health")
+
+    # -- routes
+    def liveness(self):
+        return 200, "text/plain; charset=utf-8", b"Healthy", {}
+
+    def health(self):
+        scheduler = self.server.scheduler
+        waiting, rows = scheduler.depth()
+        status = {"status": "stopping" if scheduler.closing else "ok", "model": self.server.model_name,
+                  "queue_depth": waiting, "batch_rows": rows, "max_batch_size": scheduler.max_batch_size}  # fmt: skip
+        return 200, "application/json", json.dumps(status).encode(), {}
+
+    def score(self):
+        data = parse_body(self._read_body())
+        options, seed, return_full_text = parse_params(data.get("params", {}))
+        model, prompts = self.server.model, data["input_data"]
+        self._prompts = len(prompts)
+        ids = prepare_prompts(model.tokenizer, prompts, bos=model.config.bos_token_id)
+        check_lengths(ids, options, model.config.n_ctx, self.server.max_new_tokens_cap)
+        job = Job(prompts, ids, options, seed, return_full_text, model)
+        self.server.scheduler.submit(job)
+        if not job.done.wait(self.server.timeout_seconds):
+            job.fail(HTTPError(504, f"the request did not finish within {self.server.timeout_seconds:g} s "
+                                    "(the server's --timeout); ask for fewer prompts or max_new_tokens"))  # fmt: skip
+        self._new_tokens = job.new_tokens
+        if job.error is not None:
+            raise job.error
+        return 200, "application/json", json.dumps(job.texts, ensure_ascii=False).encode("utf-8"), {}
+
+    # -- request body
+    def _check_headers(self) -> int:
+        """Content-Type and Content-Length of a /score request (before reading the body): its length."""
+        content_type = self.headers.get("Content-Type")
+        if content_type is None or self.headers.get_content_type() != "application/json":
+            raise HTTPError(415, f"Content-Type must be application/json, got {content_type or 'none'}; "
+                                 "send the header Content-Type: application/json")  # fmt: skip
+        if self.headers.get_content_charset(failobj="utf-8").lower() not in ("utf-8", "utf8"):
+            raise HTTPError(415, "JSON bodies must be UTF-8; send Content-Type: application/json without another charset")
+        if "Transfer-Encoding" in self.headers:
+            raise HTTPError(411, "chunked bodies are not supported; send a Content-Length")
+        text = self.headers.get("Content-Length", "0")
+        if not (text.strip().isascii() and text.strip().isdigit()):
+            raise HTTPError(400, f"Content-Length must be a non-negative integer, got {text!r}")
+        length = int(text)
+        if length > self.server.max_body_bytes:
+            raise HTTPError(413, f"the body is {length} bytes; this server takes at most {self.server.max_body_bytes} "
+                                 "(its --max-body-bytes): send fewer prompts per request")  # fmt: skip
+        return length
+
+    def _read_body(self) -> bytes:
+        length = self._check_headers()
+        body = self.rfile.read(length)
+        if len(body) < length:
+            raise HTTPError(400, f"the body ended after {len(body)} of the {length} bytes its Content-Length announced")
+        self._body_read = True
+        return body
+
+    def _may_have_unread_body(self) -> bool:
+        if getattr(self, "_body_read", False) or getattr(self, "headers", None) is None:
+            return False
+        return "Transfer-Encoding" in self.headers or self.headers.get("Content-Length", "0").strip() not in ("", "0")
+
+    def handle_expect_100(self):
+        """A client that asks before sending its body (curl does for large ones) hears the 404, 405,
+        411, 413 or 415 before sending it, instead of a 100 Continue."""
+        try:
+            if self._route() == "score":
+                self._check_headers()
+        except HTTPError as e:
+            self._begin()
+            self._reply_error(e)
+            return False
+        return super().handle_expect_100()
+
+    # -- answers
+    def _reply_error(self, error: HTTPError) -> None:
+        self._reply(error.status, "application/json", json.dumps({"error": error.message}).encode(), error.headers,
+                    detail=error.detail)  # fmt: skip
+
+    def _reply(self, status: int, content_type: str, body: bytes, headers: dict[str, str], *, detail: str = "") -> None:
+        if headers.get("Connection") == "close" or self._may_have_unread_body():
+            self.close_connection = True  # an unread body would be taken for the next request
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in headers.items():
+                if name != "Connection":
+                    self.send_header(name, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+        except OSError:  # the client went away; the log still says what it was sent
+            self.close_connection = True
+        self._log_request(status, detail)
+
+    def _log_request(self, status: int, detail: str = "") -> None:
+        seconds = time.monotonic() - getattr(self, "_started", time.monotonic())
+        path = urlsplit(getattr(self, "path", "") or "").path or "-"
+        prompts, new_tokens = getattr(self, "_prompts", 0), getattr(self, "_new_tokens", 0)
+        line = (f"{self.client_address[0]} {self.command or '-'} {path} {status} "
+                f"prompts={prompts} new_tokens={new_tokens} {seconds:.3f}s")  # fmt: skip
+        self.server.log(line + (f" error={detail}" if detail else ""))
+
+    def send_error(self, code, message=None, explain=None):
+        """Malformed requests (bad request line, headers too long, ...) get a JSON error too."""
+        self._begin()
+        self.close_connection = True
+        self._reply_error(HTTPError(code, message or HTTPStatus(code).phrase))
+
+    def log_message(self, format, *args):
+        """Silence http.server's own log: `_log_request` writes one line per request instead."""
+
+
+# ---------------------------------------------------------------------------------------- command line
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gpt2np serve",
+        description="Serve a GPT-2 model over HTTP in the GPT-2 model card's request format: POST /score "
+        '{"input_data": [prompts...], "params": {...}} -> a JSON list of strings. Requests that arrive '
+        "while the model is busy join the running batch.",
+    )
+    parser.add_argument("--model", default="gpt2", help="checkpoint folder or hub repo id (default: gpt2)")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default: {DEFAULT_PORT}; 0 picks a free one")
+    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help=f"prompts decoded together (default: {DEFAULT_MAX_BATCH_SIZE})")  # fmt: skip
+    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
+                        help=f"requests that may wait before new ones get 503 (default: {DEFAULT_MAX_QUEUE})")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
+                        help=f"seconds a request may take, waiting included, before 504 (default: {DEFAULT_TIMEOUT:g})")  # fmt: skip
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")  # fmt: skip
+    parser.add_argument("--max-new-tokens-cap", type=int, default=None,
+                        help="largest max_new_tokens a request may ask (default: context minus prompt)")  # fmt: skip
+    return parser
+
+
+def parse_args(argv) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for flag in ("max_batch_size", "max_queue", "max_body_bytes", "max_new_tokens_cap"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
+    if not 0 <= args.port <= 65535:
+        parser.error(f"--port must be in 0..65535, got {args.port}")
+    return args
+
+
+def serve_until_signalled(server: ScoringServer) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully; a second signal stops at once."""
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        stop.set()
+        signal.signal(signum, signal.SIG_DFL)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
+        server.log(f"serving {server.model_name} on {server.url} (POST /score, GET /, GET /health)")
+        while not stop.wait(0.5):
+            pass
+        waiting, rows = server.scheduler.depth()
+        server.log(f"stopping: refusing new requests, finishing {waiting} waiting and the {rows} prompts decoding")
+        server.stop_gracefully()
+        server.log("stopped")
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def main(argv=None) -> int:
+    """`gpt2np serve [flags]`: the exit status (0 after a graceful stop)."""
+    from .model import GPT2
+
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed by argparse
+        return e.code if isinstance(e.code, int) else 2
+    try:
+        model = GPT2.from_pretrained(args.model)
+    except (OSError, ValueError) as e:
+        print(f"gpt2np serve: cannot load the model {args.model!r}: {e}", file=sys.stderr)
+        return 1
+    try:
+        server = ScoringServer((args.host, args.port), model, model_name=args.model, max_batch_size=args.max_batch_size,
+                               max_queue=args.max_queue, timeout=args.timeout, max_body_bytes=args.max_body_bytes,
+                               max_new_tokens_cap=args.max_new_tokens_cap)  # fmt: skip
+    except OSError as e:
+        print(f"gpt2np serve: cannot listen on {args.host}:{args.port}: {e}; choose another --port", file=sys.stderr)
+        return 1
+    serve_until_signalled(server)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

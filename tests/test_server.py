@@ -1,0 +1,370 @@
+"""`gpt2np serve` as clients see it: the real server runs as a subprocess on a free loopback port and
+every test talks HTTP to it. Answers are checked against `GPT2.generate` run here, in the test."""
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpt2np import GPT2, GPT2Config
+from gpt2np.checkpoint import random_state_dict, save_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
+MODEL_CARD_BODY = {
+    "input_data": ["My name is John and I am", "Once upon a time,"],
+    "params": {"top_p": 1.0, "temperature": 0.8, "max_new_tokens": 100, "do_sample": True, "return_full_text": True},
+}
+
+
+# ---------------------------------------------------------------------------------------- helpers
+class Server:
+    """A `python -m gpt2np.server` subprocess; its stderr (the request log) goes to a file."""
+
+    def __init__(self, folder: Path, log_path: Path, *flags: str):
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                   OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")  # fmt: skip  # 2 cores: no BLAS thread fights
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        command = [sys.executable, "-m", "gpt2np.server", "--model", str(folder), "--port", "0", *flags]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log, env=env, cwd=ROOT)
+        self.port = self._wait_for_port()
+
+    def _wait_for_port(self, timeout=30.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = re.search(r"on http://127\.0\.0\.1:(\d+) ", self.log())
+            if found:
+                return int(found.group(1))
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        self.stop()
+        raise AssertionError(f"the server did not start; its log:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log.close()
+
+    def request(self, method, path, body=b"", headers=None, timeout=60.0):
+        """(status, headers, body bytes)."""
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            connection.request(method, path, body=body, headers=headers or {})
+            response = connection.getresponse()
+            return response.status, dict(response.getheaders()), response.read()
+        finally:
+            connection.close()
+
+    def score(self, body, timeout=60.0):
+        """(status, parsed JSON answer) for a /score body (a dict, sent as JSON)."""
+        data = json.dumps(body).encode()
+        status, _, answer = self.request("POST", "/score", data, {"Content-Type": "application/json"}, timeout)
+        return status, json.loads(answer)
+
+    def health(self) -> dict:
+        status, _, body = self.request("GET", "/health", timeout=10)
+        assert status == 200
+        return json.loads(body)
+
+    def wait_until(self, predicate, timeout=20.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            health = self.health()
+            if predicate(health):
+                return health
+            time.sleep(0.01)
+        raise AssertionError(f"the server never reached the expected state; last /health: {health}")
+
+
+def checkpoint(folder: Path, config: GPT2Config) -> Path:
+    save_checkpoint(folder, config, random_state_dict(config, seed=0))
+    return folder
+
+
+def one_blas_thread():
+    """The references computed here run faster on 2 cores with one BLAS thread (when threadpoolctl is there)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return nullcontext()
+    return threadpool_limits(1)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory) -> Path:
+    return checkpoint(tmp_path_factory.mktemp("tiny"), TINY)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_folder) -> GPT2:
+    return GPT2.from_pretrained(tiny_folder)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_folder, tmp_path_factory):
+    server = Server(tiny_folder, tmp_path_factory.mktemp("log") / "server.log", "--max-batch-size", "16")
+    yield server
+    server.stop()
+
+
+# ---------------------------------------------------------------------------------------- routes
+def test_liveness_and_health(server):
+    status, headers, body = server.request("GET", "/")
+    assert (status, body) == (200, b"Healthy")
+    health = server.health()
+    assert health["model"].endswith("tiny0") and health["queue_depth"] == 0 and health["status"] == "ok"
+
+
+def test_model_card_request(server, model):
+    status, texts = server.score(MODEL_CARD_BODY)
+    assert status == 200
+    assert isinstance(texts, list) and len(texts) == 2
+    for prompt, text in zip(MODEL_CARD_BODY["input_data"], texts):
+        assert text.startswith(prompt) and len(text) > len(prompt)
+
+
+def test_several_prompts_match_the_library(server, model):
+    prompts = ["Hello, my dog is cute", "", "The capital of France is", "<|endoftext|>A"]
+    params = {"max_new_tokens": 12, "do_sample": True, "temperature": 0.7, "top_k": 40, "seed": 5,
+              "return_full_text": False}  # fmt: skip
+    status, texts = server.score({"input_data": prompts, "params": params})
+    assert status == 200
+    with one_blas_thread():
+        assert texts == model.generate(prompts, **params)
+    assert server.score({"input_data": prompts, "params": params}) == (200, texts)  # the seed reproduces
+
+
+def test_unknown_route_and_method(server):
+    status, _, body = server.request("GET", "/nowhere")
+    assert status == 404 and "POST /score" in json.loads(body)["error"]
+    status, headers, _ = server.request("GET", "/score")
+    assert status == 405 and headers["Allow"] == "POST"
+
+
+# ---------------------------------------------------------------------------------------- validation
+JSON = {"Content-Type": "application/json"}
+BAD_BODIES = {
+    # name: (body, the words the error must contain)
+    "empty body": (b"", "empty"),
+    "malformed JSON": (b'{"input_data": ["a"', "not valid JSON"),
+    "NaN is not JSON": (b'{"input_data": ["a"], "params": {"temperature": NaN}}', "NaN"),
+    "not UTF-8": (b'{"input_data": ["\xff"]}', "UTF-8"),
+    "body is a list": (b'["a prompt"]', "JSON object"),
+    "missing input_data": (b'{"params": {}}', "input_data"),
+    "unknown top-level field": (b'{"input_data": ["a"], "parameters": {}}', "parameters"),
+    "input_data a string": (b'{"input_data": "a prompt"}', "input_data"),
+    "input_data empty": (b'{"input_data": []}', "input_data"),
+    "input_data not strings": (b'{"input_data": ["a", 3]}', "input_data[1]"),
+    "params not an object": (b'{"input_data": ["a"], "params": [1]}', "params"),
+    "unknown param": (b'{"input_data": ["a"], "params": {"top_q": 1}}', "top_q"),
+    "top_p zero": (b'{"input_data": ["a"], "params": {"top_p": 0}}', "top_p"),
+    "top_p above one": (b'{"input_data": ["a"], "params": {"top_p": 1.5}}', "top_p"),
+    "temperature zero while sampling": (b'{"input_data": ["a"], "params": {"temperature": 0}}', "temperature"),
+    "max_new_tokens zero": (b'{"input_data": ["a"], "params": {"max_new_tokens": 0}}', "max_new_tokens"),
+    "max_new_tokens past the context": (b'{"input_data": ["a"], "params": {"max_new_tokens": 128}}', "max_new_tokens"),
+    "true is not a number": (b'{"input_data": ["a"], "params": {"max_new_tokens": true}}', "max_new_tokens"),
+    "string is not a number": (b'{"input_data": ["a"], "params": {"temperature": "0.8"}}', "temperature"),
+    "do_sample not a boolean": (b'{"input_data": ["a"], "params": {"do_sample": 1}}', "do_sample"),
+    "return_full_text not a boolean": (b'{"input_data": ["a"], "params": {"return_full_text": "yes"}}', "return_full_text"),
+    "negative seed": (b'{"input_data": ["a"], "params": {"seed": -1}}', "seed"),
+    "top_k zero": (b'{"input_data": ["a"], "params": {"top_k": 0}}', "top_k"),
+    "stop not strings": (b'{"input_data": ["a"], "params": {"stop": [1]}}', "stop"),
+    "prompt fills the context": (json.dumps({"input_data": [" a" * 200]}).encode(), "input_data[0]"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", BAD_BODIES)
+def test_bad_body_is_400_naming_the_field(server, case):
+    body, words = BAD_BODIES[case]
+    status, headers, answer = server.request("POST", "/score", body, JSON)
+    assert status == 400, answer
+    assert headers["Content-Type"] == "application/json"
+    assert words in json.loads(answer)["error"]
+
+
+def test_max_new_tokens_cap_counts_the_longest_prompt(server, model):
+    prompt = " a" * 20
+    room = TINY.n_ctx - len(model.tokenizer.encode(prompt))
+    status, answer = server.score({"input_data": ["x", prompt], "params": {"max_new_tokens": room + 1}})
+    assert status == 400 and f"at most {room}" in answer["error"] and "input_data[1]" in answer["error"]
+    assert server.score({"input_data": ["x", prompt], "params": {"max_new_tokens": room, "do_sample": False}})[0] == 200
+
+
+@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])
+def test_wrong_content_type_is_415(server, content_type):
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    status, _, answer = server.request("POST", "/score", b'{"input_data": ["a"]}', headers)
+    assert status == 415 and "application/json" in json.loads(answer)["error"]
+
+
+@pytest.mark.parametrize("expect_100", [False, True])
+def test_body_over_the_limit_is_413_before_it_is_sent(server, expect_100):
+    """The client announces 2 MB and sends none of it: the answer must come anyway."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        expect = "Expect: 100-continue\r\n" if expect_100 else ""
+        sock.sendall(f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Content-Length: 2000000\r\n{expect}\r\n".encode())  # fmt: skip
+        answer = sock.makefile("rb").read()  # the server closes the connection after answering
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert b"--max-body-bytes" in answer
+
+
+# ---------------------------------------------------------------------------------------- batching
+def test_sixteen_concurrent_clients_with_mixed_params(server, model):
+    greedy = {"input_data": ["The meaning of life is"], "params": {"do_sample": False, "max_new_tokens": 30}}
+    status, alone = server.score(greedy)  # with no other traffic
+    assert status == 200
+    with one_blas_thread():
+        stop_word = model.generate("In the beginning", do_sample=False, max_new_tokens=10, return_full_text=False)
+        stop_word = stop_word.split()[len(stop_word.split()) // 2]  # a word this greedy text does reach
+        kinds = [
+            {"do_sample": False, "max_new_tokens": 30},
+            {"do_sample": True, "temperature": 0.8, "max_new_tokens": 25, "seed": 1},
+            {"do_sample": True, "temperature": 1.2, "top_k": 20, "top_p": 0.9, "max_new_tokens": 20, "seed": 2},
+            {"do_sample": False, "repetition_penalty": 1.3, "max_new_tokens": 15, "return_full_text": False},
+            {"do_sample": False, "max_new_tokens": 10, "stop": [stop_word], "return_full_text": False},
+            {"do_sample": True, "max_new_tokens": 18, "seed": 3, "ignore_eos": True},
+            {"do_sample": False, "max_new_tokens": 5},
+            {"do_sample": True, "temperature": 0.5, "max_new_tokens": 22, "seed": 4},
+        ]
+        bodies = [greedy]
+        for i in range(15):
+            prompts = [f"Request {i} says"] + [f"and {j} more" for j in range(i % 3)]
+            if i % 8 == 4:
+                prompts = ["In the beginning"]  # the prompt whose greedy text holds the stop word
+            bodies.append({"input_data": prompts, "params": kinds[i % len(kinds)]})
+        expected = [model.generate(b["input_data"], **b["params"]) for b in bodies]
+    assert expected[0] == alone  # the server alone answers what the library does
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        answers = list(pool.map(server.score, bodies))
+    assert [status for status, _ in answers] == [200] * 16
+    for body, (_, texts), want in zip(bodies, answers, expected):
+        assert texts == want, body
+    assert answers[0][1] == alone  # greedy: the same bytes with and without concurrent traffic
+    lines = [line for line in server.log().splitlines() if " POST /score 200 " in line]
+    assert len(lines) >= 17 and re.search(r"prompts=\d+ new_tokens=\d+ \d+\.\d{3}s$", lines[-1])
+
+
+def test_rows_joining_and_leaving_mid_decoding_match_the_library(model):
+    """The batch itself, in process: rows join while others decode (with longer and shorter
+    histories, so the cache widens and pads) and leave at different steps."""
+    from gpt2np.generation import GenerationOptions, prepare_prompts
+    from gpt2np.server import Batch, Job
+
+    cases = [  # (step at which it joins, prompt, options, seed)
+        (0, "A short one", GenerationOptions(max_new_tokens=12, do_sample=False, ignore_eos=True), None),
+        (3, "A much longer prompt, with many more tokens than the first", GenerationOptions(max_new_tokens=6, do_sample=False),
+         None),
+        (3, "", GenerationOptions(max_new_tokens=9, temperature=0.9, top_k=50, ignore_eos=True), 7),
+        (5, "Late", GenerationOptions(max_new_tokens=4, do_sample=False, repetition_penalty=1.5, ignore_eos=True), None),
+    ]  # fmt: skip
+    jobs = [Job([p], prepare_prompts(model.tokenizer, [p], bos=50256), o, seed, False, model) for _, p, o, seed in cases]
+    batch = Batch(model)
+    with one_blas_thread():
+        for step in range(20):
+            for (joins, *_), job in zip(cases, jobs):
+                if joins == step:
+                    batch.add(job.rows)
+            chosen = {i: row.choose(batch.state.logits[i], model.config.eos_token_id) for i, row in enumerate(batch.rows)}
+            for i, token in chosen.items():
+                if token is None:
+                    batch.rows[i].job.row_finished()
+            keep = [i for i, token in chosen.items() if token is not None]
+            tokens = [chosen[i] for i in keep]
+            batch.keep(keep)
+            if batch.rows:
+                batch.forward(np.array(tokens))
+        assert not batch.rows and all(job.closed for job in jobs)
+        for (_, prompt, o, seed), job in zip(cases, jobs):
+            expected = model.generate(prompt, max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
+                                      temperature=o.temperature, top_k=o.top_k, repetition_penalty=o.repetition_penalty,
+                                      ignore_eos=o.ignore_eos, seed=seed, return_full_text=False)  # fmt: skip
+            assert job.texts == [expected], prompt
+
+
+# ---------------------------------------------------------------------------------------- limits and failures
+@pytest.fixture(scope="module")
+def small_vocab_server(tmp_path_factory):
+    """A model whose 1000-token vocabulary is smaller than the tokenizer's: prompts with ids past 999
+    fail inside the model (an internal error); "!" (id 0) works. One row at a time, one waiting request."""
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=256, vocab_size=1000)
+    folder = checkpoint(tmp_path_factory.mktemp("small-vocab"), config)
+    server = Server(folder, tmp_path_factory.mktemp("log") / "server.log",
+                    "--max-batch-size", "1", "--max-queue", "1", "--timeout", "1")  # fmt: skip
+    yield server
+    server.stop()
+
+
+def test_internal_failure_is_500_and_the_server_goes_on(small_vocab_server):
+    ok = {"input_data": ["!"], "params": {"do_sample": False, "max_new_tokens": 3}}
+    status, answer = small_vocab_server.score({"input_data": ["Hello world"], "params": {"max_new_tokens": 3}})
+    assert status == 500 and "internal error" in answer["error"]
+    assert "IndexError" in small_vocab_server.log()  # the cause is in the log, not in the answer
+    assert small_vocab_server.score(ok)[0] == 200
+
+
+def test_full_queue_is_503_and_slow_request_is_504(small_vocab_server):
+    # 64 rows of 250 tokens, one row at a time: far longer than the 1 s timeout. While its rows
+    # wait their turn, the job holds the one place in the queue.
+    slow = {"input_data": ["!"] * 64, "params": {"do_sample": False, "max_new_tokens": 250, "ignore_eos": True}}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        slow_answer = pool.submit(small_vocab_server.score, slow)
+        small_vocab_server.wait_until(lambda h: h["queue_depth"] == 1 and h["batch_rows"] == 1)
+        status, headers, body = small_vocab_server.request("POST", "/score", b'{"input_data": ["!"]}', JSON)
+        assert status == 503 and headers["Retry-After"] == "1" and "queue" in json.loads(body)["error"]
+        status, answer = slow_answer.result(timeout=30)
+    assert status == 504 and "--timeout" in answer["error"]
+    small_vocab_server.wait_until(lambda h: h["queue_depth"] == 0 and h["batch_rows"] == 0)  # its rows were dropped
+    assert small_vocab_server.score({"input_data": ["!"], "params": {"max_new_tokens": 2}})[0] == 200
+
+
+# ---------------------------------------------------------------------------------------- shutdown
+def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tmp_path):
+    folder = checkpoint(tmp_path / "long", GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=1024))
+    server = Server(folder, tmp_path / "server.log")
+    try:
+        params = {"do_sample": False, "max_new_tokens": 1000, "ignore_eos": True}
+        body = {"input_data": ["Once", "Twice"], "params": params}
+        result = {}
+        client = threading.Thread(target=lambda: result.update(answer=server.score(body)))
+        client.start()
+        server.wait_until(lambda h: h["batch_rows"] == 2)
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while True:  # soon, new connections are refused while the request above still decodes
+            try:
+                socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+            except (ConnectionRefusedError, ConnectionResetError):
+                break
+            assert time.monotonic() < deadline, "the server still accepts connections 10 s after SIGTERM"
+            time.sleep(0.05)
+        assert server.proc.wait(timeout=40) == 0
+        client.join(timeout=10)
+        status, texts = result["answer"]
+        assert status == 200 and [len(t) > 1000 for t in texts] == [True, True]
+        assert "stopped" in server.log().splitlines()[-1]
+    finally:
+        server.stop()

@@ -260,7 +260,11 @@ class Decoder:
             new = np.array([step[int(rows[i])] for i in alive], dtype=np.intp)[:, None]  # [B', 1]
             if len(alive) < len(rows):  # drop finished rows from every buffer
                 keep = np.array(alive)
-                rows, cache, key_valid, positions = rows[keep], cache[:, :, keep], key_valid[keep], positions[keep]
+                rows, key_valid, positions = rows[keep], key_valid[keep], positions[keep]
+                # Copy only the columns written so far; the rest of the new buffer stays unallocated.
+                kept = np.empty((*cache.shape[:2], len(keep), *cache.shape[3:]), dtype=cache.dtype)
+                kept[:, :, :, :, :start] = cache[:, :, keep, :, :start]
+                cache = kept
                 seen = None if seen is None else seen[keep]
                 has_padding = bool((~key_valid[:, :start]).any())
             key_valid[:, start] = True

@@ -177,7 +177,7 @@ def hf_prefill(torch, model, T):
 
 
 PEAK_RSS_CHILD = """
-import resource, sys
+import sys
 sys.path.insert(0, {root!r})
 which, folder = sys.argv[1], sys.argv[2]
 if which == "gpt2np":
@@ -190,7 +190,8 @@ else:
     m = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.inference_mode():
         m.generate(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+# VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent across fork + exec.
+print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024)
 """
 
 

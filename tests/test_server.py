@@ -130,11 +130,11 @@ def server(tiny_folder, tmp_path_factory):
 
 
 # ---------------------------------------------------------------------------------------- routes
-def test_liveness_and_health(server):
+def test_liveness_and_health(server, tiny_folder):
     status, headers, body = server.request("GET", "/")
     assert (status, body) == (200, b"Healthy")
     health = server.health()
-    assert health["model"].endswith("tiny0") and health["queue_depth"] == 0 and health["status"] == "ok"
+    assert health["model"] == str(tiny_folder) and health["queue_depth"] == 0 and health["status"] == "ok"
 
 
 def test_model_card_request(server, model):

@@ -2,8 +2,8 @@
 
 Prints one table: each figure for gpt2np, for the reference (tiktoken, or transformers on PyTorch)
 when installed, their ratio, and the floor where one exists. Every figure is the median of
-`--repeat` runs made in this process, so the ratios compare runs made seconds apart on the same
-(noisy) machine.
+`--repeat` runs made in this process, gpt2np's and the reference's taken in turn, so the ratios
+compare runs made seconds apart on the same (noisy) machine.
 
     python scripts/bench.py                      # tokenizer + random full-size gpt2 (124M)
     python scripts/bench.py --shape gpt2-medium  # the 24-layer, 1024-wide shape
@@ -114,8 +114,8 @@ def make_checkpoint(shape: str, folder: Path) -> Path:
     return folder
 
 
-def floor_seconds(model, repeat) -> float:
-    """Time of the bare vector-matrix products of one decoding step over the model's weights."""
+def floor_step(model):
+    """One decoding step's bare vector-matrix products over the model's weights (the floor)."""
     mats = [p["attn"]["c_attn"]["weight"] for p in model.params["h"]]
     mats += [p["attn"]["c_proj"]["weight"] for p in model.params["h"]]
     mats += [p["mlp"]["c_fc"]["weight"] for p in model.params["h"]]
@@ -129,8 +129,19 @@ def floor_seconds(model, repeat) -> float:
             vectors[w.shape[0]] @ w
         v @ wte.T
 
-    step()
-    return median_time(step, max(repeat, 5))
+    return step
+
+
+def interleaved(fns: dict, repeat: int) -> dict:
+    """Median seconds of each function, the runs taken in turn (a, b, a, b, ...) so that a slow
+    spell of the machine hits every contender alike and the ratios stay meaningful."""
+    times = {name: [] for name, fn in fns.items() if fn is not None}
+    for _ in range(repeat):
+        for name in times:
+            t = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def ours_decode(model, batch, prompt_len, new_tokens):
@@ -209,30 +220,37 @@ def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
     torch, hf = hf_model(folder)
     hf_load = median_time(lambda: hf_model(folder), repeat) if hf is not None else None
     c = model.config
-    floor = floor_seconds(model, repeat)
     title = f"{label} ({c.n_layer} layers, {c.n_embd} wide)"
+    step = floor_step(model)
+
+    def floor_run():  # the floor of the same number of decoding steps
+        for _ in range(new_tokens):
+            step()
 
     ours_decode(model, 1, 8, 4)  # warm up
-    t1 = median_time(lambda: ours_decode(model, 1, 8, new_tokens), repeat)
-    h1 = None
     if hf is not None:
         hf_decode(torch, hf, 1, 8, 4)
-        h1 = median_time(lambda: hf_decode(torch, hf, 1, 8, new_tokens), repeat)
-    row(f"{title}: greedy decode, batch 1, 8-token prompt, {new_tokens} new", new_tokens / t1, h1 and new_tokens / h1,
-        unit=" tok/s", floor=f"{1 / floor:.1f} tok/s ({floor * 1e3:.1f} ms/token); gpt2np at {floor / (t1 / new_tokens):.0%}")  # fmt: skip
+    t = interleaved({"ours": lambda: ours_decode(model, 1, 8, new_tokens), "floor": floor_run,
+                     "hf": hf and (lambda: hf_decode(torch, hf, 1, 8, new_tokens))}, repeat)  # fmt: skip
+    per_token, floor = t["ours"] / new_tokens, t["floor"] / new_tokens
+    row(f"{title}: greedy decode, batch 1, 8-token prompt, {new_tokens} new", 1 / per_token, hf and new_tokens / t["hf"],
+        unit=" tok/s", floor=f"{1 / floor:.1f} tok/s ({floor * 1e3:.1f} ms/token); gpt2np at {floor / per_token:.0%}")  # fmt: skip
 
     T = c.n_ctx
     model(np.arange(16))
-    tp = median_time(lambda: model(np.arange(T) % 50000 + 1), repeat)
-    hp = median_time(lambda: hf_prefill(torch, hf, T), repeat) if hf is not None else None
-    row(f"{title}: prefill, {T} tokens (logits for every position)", T / tp, hp and T / hp, unit=" tok/s")
+    t = interleaved({"ours": lambda: model(np.arange(T) % 50000 + 1), "hf": hf and (lambda: hf_prefill(torch, hf, T))}, repeat)
+    row(f"{title}: prefill, {T} tokens (logits for every position)", T / t["ours"], hf and T / t["hf"], unit=" tok/s")
 
-    t8 = median_time(lambda: ours_decode(model, 8, 8, new_tokens), repeat)
-    h8 = median_time(lambda: hf_decode(torch, hf, 8, 8, new_tokens), repeat) if hf is not None else None
-    row(f"{title}: greedy decode, batch 8, {new_tokens} new each (total)", 8 * new_tokens / t8, h8 and 8 * new_tokens / h8, unit=" tok/s")
+    t = interleaved({"ours": lambda: ours_decode(model, 8, 8, new_tokens),
+                     "hf": hf and (lambda: hf_decode(torch, hf, 8, 8, new_tokens))}, repeat)  # fmt: skip
+    row(f"{title}: greedy decode, batch 8, {new_tokens} new each (total)", 8 * new_tokens / t["ours"],
+        hf and 8 * new_tokens / t["hf"], unit=" tok/s")  # fmt: skip
 
-    early = statistics.median(ours_step_rate(model, 10) for _ in range(repeat))
-    late = statistics.median(ours_step_rate(model, min(900, c.n_ctx - 40)) for _ in range(repeat))
+    rates = {"early": [], "late": []}
+    for _ in range(repeat):
+        rates["early"].append(ours_step_rate(model, 10))
+        rates["late"].append(ours_step_rate(model, min(900, c.n_ctx - 40)))
+    early, late = statistics.median(rates["early"]), statistics.median(rates["late"])
     row(f"{title}: decode step rate at position 10 / 900", early, None, unit=" tok/s",
         floor=f"at 900: {late:.1f} tok/s = {late / early:.0%} of position 10 (target >= 75%)")  # fmt: skip
 

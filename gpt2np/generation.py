@@ -169,6 +169,21 @@ def next_token(logits, options: GenerationOptions, rng: np.random.Generator, see
 
 
 # ---------------------------------------------------------------------------------------- decoding
+def left_pad(prompts: Sequence[Sequence[int]]):  # B prompts -> [B, L] ids, [B, L] valid, [B, L] positions
+    """Prompts of different lengths as one batch, right-aligned so that every row's next token
+    goes in the same column: padding (id 0, any valid id would do) on the left, `valid` False
+    there, and positions counting from each row's first real token."""
+    lengths = np.array([len(p) for p in prompts])
+    L = int(lengths.max())
+    pad = L - lengths
+    ids = np.zeros((len(prompts), L), dtype=np.intp)
+    valid = np.arange(L)[None, :] >= pad[:, None]
+    for b, p in enumerate(prompts):
+        ids[b, pad[b] :] = p
+    positions = np.maximum(np.arange(L)[None, :] - pad[:, None], 0)
+    return ids, valid, positions
+
+
 class Decoder:
     """Batched, KV-cached decoding of several prompts, one token per live row per step.
 
@@ -205,17 +220,11 @@ class Decoder:
     def __iter__(self) -> Iterator[dict[int, int]]:
         model, config = self.model, self.model.config
         B = len(self.prompts)
-        lengths = np.array([len(p) for p in self.prompts])
-        L = int(lengths.max())
+        ids, valid, positions = left_pad(self.prompts)  # [B, L] each
+        L = ids.shape[1]
         S_max = L + max(o.max_new_tokens for o in self.options) - 1  # the last token is never fed back
-        pad = L - lengths  # left padding per row
-
-        ids = np.zeros((B, L), dtype=np.intp)  # padding id 0 is masked out; any valid id would do
         key_valid = np.zeros((B, S_max), dtype=bool)  # [B, S]: False where a row is padding
-        for b, p in enumerate(self.prompts):
-            ids[b, pad[b]:] = p
-            key_valid[b, pad[b]:L] = True
-        positions = np.maximum(np.arange(L)[None, :] - pad[:, None], 0)  # [B, L], each row from 0
+        key_valid[:, :L] = valid
         H, D = config.n_head, config.n_embd // config.n_head
         # One buffer for every layer's keys and values: [n_layer, 2, B, H, S_max, D]. np.empty is
         # free until written; a row's unwritten columns are never read (masked or beyond `start`).
@@ -227,7 +236,7 @@ class Decoder:
                 seen[b, p] = True
 
         rows = np.arange(B)  # batch index -> original row
-        has_padding = bool(pad.any())
+        has_padding = not valid.all()
         mask = causal_mask(key_valid[:, :L], 0, L)
         x = gpt2(ids, positions, model.params, config, mask=mask, kv_cache=cache, start=0)  # [B, L, C]
         logits = lm_head(x[:, -1], model.lm_head_weight)  # [B, V]: only the last position is needed

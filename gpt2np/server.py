@@ -46,7 +46,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .generation import GenerationOptions, RowText, next_token, prepare_prompts, row_generators
+from .generation import GenerationOptions, RowText, left_pad, next_token, prepare_prompts, row_generators
 from .model import causal_mask, gpt2, lm_head
 
 DEFAULT_HOST = "127.0.0.1"
@@ -303,15 +303,9 @@ class Batch:
     def prefill(self, rows: list[Row]) -> RowsState:
         """Run the prompts of `rows`, left-padded to the longest, into a cache of their own."""
         model, config = self.model, self.model.config
+        ids, key_valid, positions = left_pad([r.ids for r in rows])  # [b, L] each
+        L = ids.shape[1]
         lengths = np.array([len(r.ids) for r in rows])
-        L = int(lengths.max())
-        pad = L - lengths
-        ids = np.zeros((len(rows), L), dtype=np.intp)  # padding id 0 is masked out
-        key_valid = np.zeros((len(rows), L), dtype=bool)  # [b, L]
-        for i, row in enumerate(rows):
-            ids[i, pad[i] :] = row.ids
-            key_valid[i, pad[i] :] = True
-        positions = np.maximum(np.arange(L)[None, :] - pad[:, None], 0)  # [b, L], each row from 0
         H, D = config.n_head, config.head_size
         cache = np.zeros((config.n_layer, 2, len(rows), H, L, D), dtype=np.float32)
         x = gpt2(ids, positions, model.params, config, mask=causal_mask(key_valid, 0, L), kv_cache=cache, start=0)

@@ -57,6 +57,16 @@ class Server:
     def log(self) -> str:
         return self.log_path.read_text()
 
+    def log_when(self, predicate, timeout: float = 10.0) -> str:
+        """The log once `predicate(log)` holds (or the timeout passes): the server writes a
+        request's line after sending its answer, so a client can read the log too early."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.log()
+            if predicate(text) or time.monotonic() > deadline:
+                return text
+            time.sleep(0.05)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -264,7 +274,8 @@ def test_sixteen_concurrent_clients_with_mixed_params(server, model):
     for body, (_, texts), want in zip(bodies, answers, expected):
         assert texts == want, body
     assert answers[0][1] == alone  # greedy: the same bytes with and without concurrent traffic
-    lines = [line for line in server.log().splitlines() if " POST /score 200 " in line]
+    log = server.log_when(lambda text: text.count(" POST /score 200 ") >= 17)
+    lines = [line for line in log.splitlines() if " POST /score 200 " in line]
     assert len(lines) >= 17 and re.search(r"prompts=\d+ new_tokens=\d+ \d+\.\d{3}s$", lines[-1])
 
 
@@ -322,7 +333,7 @@ def test_internal_failure_is_500_and_the_server_goes_on(small_vocab_server):
     ok = {"input_data": ["!"], "params": {"do_sample": False, "max_new_tokens": 3}}
     status, answer = small_vocab_server.score({"input_data": ["Hello world"], "params": {"max_new_tokens": 3}})
     assert status == 500 and "internal error" in answer["error"]
-    assert "IndexError" in small_vocab_server.log()  # the cause is in the log, not in the answer
+    assert "IndexError" in small_vocab_server.log_when(lambda text: "IndexError" in text)  # in the log, not the answer
     assert small_vocab_server.score(ok)[0] == 200
 
 

@@ -211,7 +211,7 @@ class GPT2:
         folder = Path(name_or_path)
         if not folder.is_dir():
             text = str(name_or_path)
-            if text.startswith((".", "/", "~")) or text.count("/") > 1 or folder.suffix:
+            if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
                 raise ValueError(f"no checkpoint folder at {text!r}: pass an existing folder or a hub repo id like 'gpt2'")
             from .hub import snapshot_download
 

@@ -73,3 +73,10 @@ def test_transformers_loads_what_gpt2np_downloaded(fake_hub, tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     reference = np.load(FIXTURE / "reference.npz")
     np.testing.assert_allclose(np.load(out), reference["logits"], rtol=0, atol=1e-5 * np.abs(reference["logits"]).max())
+
+
+def test_repo_ids_with_dots_go_to_the_hub_and_paths_do_not(fake_hub):
+    with pytest.raises(hub.RepositoryNotFoundError, match="someone/gpt2-1.5b"):
+        GPT2.from_pretrained("someone/gpt2-1.5b", progress=False)
+    with pytest.raises(ValueError, match="no checkpoint folder"):
+        GPT2.from_pretrained("./not/a/folder")

@@ -342,32 +342,23 @@ def should_stream(args: argparse.Namespace, out) -> bool:
 
 
 # ---------------------------------------------------------------------------------------- flag types
-def positive_int(text: str) -> int:
-    value = _parse(int, text, "an integer")
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _bounded(kind, ok, rule: str):
+    """An argparse type: parse `kind` ("an integer" or "a number") and require ok(value)."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        value = _parse(kind, text, what)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value if kind is int else text}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    value = _parse(int, text, "an integer")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    value = _parse(float, text, "a number")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = _parse(float, text, "a number")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
-    return value
+positive_int = _bounded(int, lambda v: v >= 1, "at least 1")
+non_negative_int = _bounded(int, lambda v: v >= 0, "0 or more")
+non_negative_float = _bounded(float, lambda v: v >= 0, "0 or more")
+positive_float = _bounded(float, lambda v: v > 0, "more than 0")
 
 
 def probability(text: str) -> float:

@@ -155,12 +155,10 @@ def gpt2(ids, positions, params, config, *, mask=None, kv_cache=None, start=0): 
     buffers per layer, and `start` is where this call's T positions go in them.
     """
     x = params["wte"]["weight"][ids] + params["wpe"]["weight"][positions]  # [B, T, C]
-    head_size = config.n_embd // config.n_head
+    scale = 1 / math.sqrt(config.n_embd // config.n_head) if config.scale_attn_weights else 1.0  # 1/sqrt(D)
     for i, p in enumerate(params["h"]):
-        scale = 1 / math.sqrt(head_size) if config.scale_attn_weights else 1.0
-        if config.scale_attn_by_inverse_layer_idx:
-            scale /= i + 1
-        x = block(x, p, n_head=config.n_head, eps=config.layer_norm_epsilon, scale=scale, mask=mask,
+        layer_scale = scale / (i + 1) if config.scale_attn_by_inverse_layer_idx else scale
+        x = block(x, p, n_head=config.n_head, eps=config.layer_norm_epsilon, scale=layer_scale, mask=mask,
                   kv_cache=None if kv_cache is None else kv_cache[i], start=start)  # fmt: skip
     return layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)
 

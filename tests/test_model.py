@@ -124,6 +124,22 @@ def test_shapes_the_comments_claim(small):
     assert small(ids[0]).shape == (T, V)
 
 
+def test_gelu_is_gpt2s_tanh_formula_without_overflow_warnings():
+    """gelu computes x / (1 + exp(-2u)); it must equal GPT-2's 0.5 x (1 + tanh(u)), evaluated in
+    float64, everywhere, including where exp overflows (large negative x) without a warning."""
+    x = np.concatenate([np.linspace(-12, 12, 4801), [-1e4, -100, -30, 0.0, 30, 100, 1e4]]).astype(np.float32)
+    with np.errstate(all="raise"):
+        y = gelu(x.copy())
+    x64 = x.astype(np.float64)
+    with np.errstate(over="ignore"):
+        reference = 0.5 * x64 * (1 + np.tanh(math.sqrt(2 / math.pi) * (x64 + 0.044715 * x64**3)))
+    error = np.abs(y - reference) / np.maximum(np.abs(x64), 1)
+    print(f"gelu worst |error| / max(|x|, 1): {error.max():.2e}")
+    assert y.dtype == np.float32 and np.isfinite(y).all()
+    assert error.max() <= 1e-6
+    assert np.all(y[x < -30] <= 0) and np.all(y[x < -30] > -1e-30)  # the limit 0, from below
+
+
 def test_softmax_of_fully_masked_row_is_finite():
     q = np.ones((1, 1, 1, 4), np.float32)
     k = v = np.ones((1, 1, 3, 4), np.float32)

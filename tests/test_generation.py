@@ -11,6 +11,7 @@ from gpt2np import GPT2, GPT2Config, Tokenizer
 from gpt2np.generation import (
     Decoder,
     GenerationOptions,
+    draw,
     RowText,
     next_token,
     row_generators,
@@ -157,6 +158,39 @@ def test_draw_frequencies_match_the_warped_distribution(temperature, top_k, top_
     # Each count within 5 standard deviations of its binomial expectation.
     sd = np.sqrt(n * p * (1 - p)) + 1e-9
     assert (np.abs(counts - n * p) <= 5 * sd + 1).all(), (counts, n * p)
+
+
+class FixedUniforms:
+    """Stands in for a Generator: `random()` returns the given numbers in turn."""
+
+    def __init__(self, values):
+        self.values = iter(values)
+
+    def random(self):
+        return next(self.values)
+
+
+@pytest.mark.parametrize("n", [1, 7, 1024, 1025, 3000, 50257])
+def test_draw_is_the_inverse_cdf_of_the_softmax(n):
+    """`draw` walks the CDF in blocks; it must pick exactly the token the whole float64 CDF of the
+    same weights picks, for uniform numbers anywhere in [0, 1), the ends included, and never a
+    token of weight 0 (logits of -inf, or exp underflowing to 0)."""
+    rng = np.random.default_rng(n)
+    z = (rng.standard_normal(n) * 4).astype(np.float32)
+    z[rng.random(n) < 0.3] = -np.inf  # filtered tokens
+    z[rng.random(n) < 0.05] = -200.0  # exp underflows to 0 in float32
+    z[n // 2] = 3.0  # at least one token that can be drawn
+    if n > 10:
+        z[-5:] = -np.inf  # nothing drawable at the very end
+    uniforms = [0.0, np.nextafter(1.0, 0.0), 0.5, *rng.random(2000)]
+    w = z - z.max()
+    np.exp(w, out=w)
+    cdf = np.cumsum(w.astype(np.float64))
+    drawable = np.flatnonzero(w > 0)
+    expected = [min(int(np.searchsorted(cdf, u * cdf[-1], side="right")), int(drawable[-1])) for u in uniforms]
+    got = [draw(z, FixedUniforms([u])) for u in uniforms]
+    assert got == expected
+    assert all(w[i] > 0 for i in got)
 
 
 def test_greedy_ignores_sampling_knobs(small):

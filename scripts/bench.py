@@ -12,7 +12,9 @@ compare runs made seconds apart on the same (noisy) machine.
 
 The floor: decoding one token at batch 1 must multiply a vector by every weight matrix once, so
 the time of exactly those vector-matrix products over the same weights, in float32 with NumPy's
-BLAS, is a floor no float32 implementation can go below on this machine.
+BLAS, is a floor no float32 implementation can go below on this machine. Beside the prefill, the
+table gives the time of its dense products alone (every weight matrix applied to every position):
+the part of a prefill that is large matrix products, the same work in any implementation.
 """
 
 from __future__ import annotations
@@ -137,8 +139,8 @@ def floor_step(model):
 def dense_products(model, T):
     """A T-token prefill's bare matrix products over the model's weights: every block matrix and
     the LM head, applied to T rows. Not a floor for the whole prefill (attention, softmax, GELU and
-    layer norm come on top) but the share of it that no implementation can make cheaper than
-    NumPy's BLAS already does."""
+    layer norm come on top), but the share of it that any float32 implementation spends in large
+    matrix products, which BLAS already runs near the machine's peak."""
     mats, wte = block_matrices(model), model.lm_head_weight
     rows = {w.shape[0]: np.ones((T, w.shape[0]), np.float32) for w in mats}
     x = np.ones((T, wte.shape[1]), np.float32)

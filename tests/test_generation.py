@@ -90,7 +90,7 @@ def test_sampling_warpers_match_transformers():
                 # Two legitimate sources of difference, both at the top_p boundary only:
                 # - among logits tied with the last kept one, transformers keeps an arbitrary subset
                 #   (torch's unstable sort); gpt2np keeps the lowest ids. Both keep as many.
-                # - transformers sums probabilities in float32 (gpt2np in float64); on a flat
+                # - transformers sums probabilities in float32 (gpt2np accumulates them in float64); on a flat
                 #   distribution with a nucleus of thousands of tokens, that moves the cut by a
                 #   few tokens whose preceding mass is within float32 rounding of top_p.
                 z = logits.astype(np.float64) / temperature

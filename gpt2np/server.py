@@ -22,8 +22,13 @@ shared its batch, up to float32 rounding: BLAS may round a row's matrix products
 different batch sizes and padding (differences near 1e-7), which can only matter when two logits
 tie to that precision.
 
+A handler waiting for its job checks every DISCONNECT_POLL seconds that its client is still
+connected; once the client has closed the connection (a client timeout, Ctrl-C in curl), the job
+fails, its rows leave the batch at the next step, and no answer is written.
+
 The library prints nothing; this server writes its own log to stderr: a start line, one line per
-request (client, method, path, status, prompts, new tokens, seconds) and a stop line.
+request (client, method, path, status, prompts, new tokens, seconds) and a stop line. A request whose
+client left is logged with status 499, nginx's "client closed request"; no client ever receives it.
 
 Shape letters as in gpt2np.model: B rows in the batch, H heads, D head size, C channels,
 V vocabulary, S cache columns; b and w are the rows and columns of a part being laid out.
@@ -33,7 +38,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import selectors
 import signal
+import socket
 import sys
 import threading
 import time
@@ -55,6 +62,8 @@ DEFAULT_MAX_BATCH_SIZE = 16  # prompts (rows) decoded together
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a place in the batch
 DEFAULT_TIMEOUT = 300.0  # seconds from arrival to answer
 DEFAULT_MAX_BODY_BYTES = 1_000_000
+DISCONNECT_POLL = 0.2  # seconds between two checks that a waiting client is still connected
+CLIENT_CLOSED = 499  # the log's status for a request whose client left (nginx's convention)
 
 # The model card's five params first, then the rest of GenerationOptions, the seed and the text mode.
 KNOWN_PARAMS = ("top_p", "temperature", "max_new_tokens", "do_sample", "return_full_text",
@@ -182,7 +191,7 @@ class Job:
     """One accepted /score request: its rows, and the outcome its handler waits for.
 
     The outcome is set once, by whichever comes first: the worker (all rows finished, or a
-    failure) or the handler (timeout).
+    failure) or the handler (timeout, or the client closed the connection).
     """
 
     def __init__(self, prompts: list[str], ids: list[list[int]], options: GenerationOptions, seed,
@@ -467,6 +476,10 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------------------------------- HTTP
+# poll(2) where there is one (no limit on descriptor numbers, unlike select(2)), as socketserver does.
+_Selector = selectors.PollSelector if hasattr(selectors, "PollSelector") else selectors.SelectSelector
+
+
 class ScoringServer(ThreadingHTTPServer):
     """The HTTP side: routes, limits and the request log; generation is the scheduler's."""
 
@@ -495,7 +508,7 @@ class ScoringServer(ThreadingHTTPServer):
 
     @contextmanager
     def in_flight(self):
-        """Count a request from its arrival until its answer is written."""
+        """Count a request from its arrival until its answer is written (or its client has left)."""
         with self._idle:
             self._inflight += 1
         try:
@@ -581,13 +594,35 @@ class ScoringHandler(BaseHTTPRequestHandler):
         check_lengths(ids, options, model.config.n_ctx, self.server.max_new_tokens_cap)
         job = Job(prompts, ids, options, seed, return_full_text, model)
         self.server.scheduler.submit(job)
-        if not job.done.wait(self.server.timeout_seconds):
-            job.fail(HTTPError(504, f"the request did not finish within {self.server.timeout_seconds:g} s "
-                                    "(the server's --timeout); ask for fewer prompts or max_new_tokens"))  # fmt: skip
+        self._wait_for(job)
         self._new_tokens = job.new_tokens
         if job.error is not None:
             raise job.error
         return 200, "application/json", json.dumps(job.texts, ensure_ascii=False).encode("utf-8"), {}
+
+    def _wait_for(self, job: Job) -> None:
+        """Wait until the job has its outcome; fail it with a 504 after --timeout, or with a 499 as soon
+        as the client has closed the connection (checked every DISCONNECT_POLL seconds)."""
+        timeout = self.server.timeout_seconds
+        deadline = time.monotonic() + timeout
+        with _Selector() as selector:
+            selector.register(self.connection, selectors.EVENT_READ)
+            while not job.done.wait(min(DISCONNECT_POLL, max(0.0, deadline - time.monotonic()))):
+                if time.monotonic() >= deadline:
+                    job.fail(HTTPError(504, f"the request did not finish within {timeout:g} s (the server's "
+                                            "--timeout); ask for fewer prompts or max_new_tokens"))  # fmt: skip
+                elif self._client_gone(selector):
+                    job.fail(HTTPError(CLIENT_CLOSED, "the client closed the connection"))
+
+    def _client_gone(self, selector: selectors.BaseSelector) -> bool:
+        """Whether the client closed or reset the connection: it is readable and at its end. Bytes
+        waiting there (a pipelined next request) are only peeked at, and mean the client is still on."""
+        if not selector.select(0):
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:  # ConnectionResetError and the like
+            return True
 
     # -- request body
     def _check_headers(self) -> int:
@@ -636,6 +671,10 @@ class ScoringHandler(BaseHTTPRequestHandler):
 
     # -- answers
     def _reply_error(self, error: HTTPError) -> None:
+        if error.status == CLIENT_CLOSED:  # nobody left to answer: log the request and hang up
+            self.close_connection = True
+            self._log_request(error.status, error.detail or error.message)
+            return
         self._reply(error.status, "application/json", json.dumps({"error": error.message}).encode(), error.headers,
                     detail=error.detail)  # fmt: skip
 

@@ -2,11 +2,13 @@
 every test talks HTTP to it. Answers are checked against `GPT2.generate` run here, in the test."""
 
 import http.client
+import io
 import json
 import os
 import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -106,6 +108,35 @@ class Server:
                 return health
             time.sleep(0.01)
         raise AssertionError(f"the server never reached the expected state; last /health: {health}")
+
+
+def score_request(body: dict, expect_100=False) -> tuple[bytes, bytes]:
+    """(head, body) of a POST /score request with `body` as JSON, to send on a raw socket."""
+    data = json.dumps(body).encode()
+    expect = "Expect: 100-continue\r\n" if expect_100 else ""
+    head = (f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\n{expect}\r\n").encode()  # fmt: skip
+    return head, data
+
+
+def read_response(reader) -> tuple[int, dict[str, str], bytes]:
+    """(status, headers, body) of the next answer on a socket's file: answers on one connection follow
+    each other, which http.client cannot read from a raw socket without losing the next one."""
+    status_line = reader.readline()
+    assert status_line.startswith(b"HTTP/1.1 "), status_line
+    headers = {}
+    while (line := reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip()] = value.strip()
+    return int(status_line.split()[1]), headers, reader.read(int(headers["Content-Length"]))
+
+
+def wait_for(predicate, timeout=30.0, what="the condition"):
+    """Poll `predicate()` until it holds; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not happen within {timeout:g} s"
+        time.sleep(0.02)
 
 
 def checkpoint(folder: Path, config: GPT2Config) -> Path:
@@ -239,6 +270,21 @@ def test_body_over_the_limit_is_413_before_it_is_sent(server, expect_100):
         answer = sock.makefile("rb").read()  # the server closes the connection after answering
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b"--max-body-bytes" in answer
+
+
+def test_expect_100_continue_then_the_answer(server, model):
+    """A client that waits for 100 Continue before sending its body gets it, then its answer."""
+    params = {"do_sample": False, "max_new_tokens": 8}
+    head, data = score_request({"input_data": ["Hello there"], "params": params}, expect_100=True)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        sock.sendall(head)
+        assert reader.readline() == b"HTTP/1.1 100 Continue\r\n" and reader.readline() == b"\r\n"
+        sock.sendall(data)
+        status, _, answer = read_response(reader)
+    assert status == 200
+    with one_blas_thread():
+        assert json.loads(answer) == model.generate(["Hello there"], **params)
 
 
 # ---------------------------------------------------------------------------------------- batching
@@ -379,3 +425,116 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tmp_path):
         assert "stopped" in server.log().splitlines()[-1]
     finally:
         server.stop()
+
+
+# ---------------------------------------------------------------------------------------- clients that leave
+LONG = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=1024)
+CLOSED_LINE = re.compile(r" POST /score 499 prompts=(\d+) new_tokens=(\d+) \d+\.\d{3}s "
+                         r"error=the client closed the connection$")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def long_folder(tmp_path_factory) -> Path:
+    """A context of 1024 tokens: room for requests that decode for many seconds."""
+    return checkpoint(tmp_path_factory.mktemp("long"), LONG)
+
+
+@pytest.fixture(scope="module")
+def long_model(long_folder) -> GPT2:
+    return GPT2.from_pretrained(long_folder)
+
+
+@pytest.fixture(scope="module")
+def long_server(long_folder, tmp_path_factory):
+    server = Server(long_folder, tmp_path_factory.mktemp("log") / "server.log", "--max-batch-size", "2")
+    yield server
+    server.stop()
+
+
+def closed_lines(log: str) -> list[re.Match]:
+    return [m for m in map(CLOSED_LINE.search, log.splitlines()) if m]
+
+
+@pytest.mark.parametrize("how", ["close", "reset"])
+def test_client_that_leaves_is_logged_499_and_its_prompts_leave_the_batch(long_server, long_model, how):
+    # 64 prompts of 1000 tokens, two at a time: 32,000 steps, far more than this test waits for.
+    n_prompts, n_tokens = 64, 1000
+    params = {"do_sample": False, "max_new_tokens": n_tokens, "ignore_eos": True}
+    head, data = score_request({"input_data": ["Once"] * n_prompts, "params": params})
+    before = len(closed_lines(long_server.log()))
+    sock = socket.create_connection(("127.0.0.1", long_server.port), timeout=30)
+    try:
+        sock.sendall(head + data)
+        long_server.wait_until(lambda h: h["batch_rows"] == 2 and h["queue_depth"] == 1)  # decoding
+        if how == "reset":  # an RST instead of a FIN: the server's recv fails instead of reading the end
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    finally:
+        sock.close()  # without reading anything
+    log = long_server.log_when(lambda text: len(closed_lines(text)) > before, timeout=30)
+    lines = closed_lines(log)
+    assert len(lines) == before + 1, f"no 499 line for the client that left; the log:\n{log}"
+    prompts, new_tokens = map(int, lines[-1].groups())
+    assert prompts == n_prompts and new_tokens < n_prompts * n_tokens // 4  # noticed early, not at the end
+    # Its rows leave the batch at the next step and the rows still waiting are never admitted.
+    long_server.wait_until(lambda h: h["batch_rows"] == 0 and h["queue_depth"] == 0)
+    greedy = {"do_sample": False, "max_new_tokens": 20}
+    status, texts = long_server.score({"input_data": ["The next client"], "params": greedy})
+    with one_blas_thread():
+        assert (status, texts) == (200, long_model.generate(["The next client"], **greedy))
+
+
+def test_pipelined_request_is_not_taken_for_a_disconnect(long_server, long_model):
+    """A client on a kept-alive connection sends its next request while the first decodes: the
+    bytes waiting on the socket must not end the first, and both are answered in order."""
+    first = {"input_data": ["Once"], "params": {"do_sample": False, "max_new_tokens": 1000, "ignore_eos": True}}
+    second = {"input_data": ["Then"], "params": {"do_sample": False, "max_new_tokens": 10}}
+    before = long_server.log()
+    with socket.create_connection(("127.0.0.1", long_server.port), timeout=60) as sock:
+        reader = sock.makefile("rb")
+        sock.sendall(b"".join(score_request(first)))
+        long_server.wait_until(lambda h: h["batch_rows"] == 1)  # the first body is read: the next bytes wait
+        sock.sendall(b"".join(score_request(second)))
+        answers = [read_response(reader), read_response(reader)]
+    with one_blas_thread():
+        expected = [long_model.generate(body["input_data"], **body["params"]) for body in (first, second)]
+    assert [(status, json.loads(body)) for status, _, body in answers] == [(200, want) for want in expected]
+    log = long_server.log_when(lambda text: text.count(" POST /score 200 ") >= before.count(" POST /score 200 ") + 2)
+    assert log.count(" POST /score 200 ") >= before.count(" POST /score 200 ") + 2
+    assert len(closed_lines(log)) == len(closed_lines(before))  # no 499 on the way
+
+
+def test_graceful_stop_after_a_client_left(long_model):
+    """In process, to look inside: the job of a client that left stops decoding for good, nothing
+    stays in flight, and a graceful stop does not wait for the prompts that were dropped."""
+    from gpt2np.server import ScoringServer
+
+    log = io.StringIO()
+    server = ScoringServer(("127.0.0.1", 0), long_model, model_name="long", max_batch_size=2, log=log)
+    jobs, submit = [], server.scheduler.submit
+    server.scheduler.submit = lambda job: (jobs.append(job), submit(job))[1]
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        n_prompts, n_tokens = 8, 1000
+        params = {"do_sample": False, "max_new_tokens": n_tokens, "ignore_eos": True}
+        with socket.create_connection(server.server_address[:2], timeout=30) as sock:
+            sock.sendall(b"".join(score_request({"input_data": ["Once"] * n_prompts, "params": params})))
+            wait_for(lambda: server.scheduler.depth() == (1, 2), what="decoding the first two prompts")
+        wait_for(lambda: CLOSED_LINE.search(log.getvalue()), what="the 499 log line")
+        wait_for(lambda: server.scheduler.depth() == (0, 0), what="an empty batch and queue")
+        wait_for(lambda: server._inflight == 0, what="no request in flight")
+        (job,) = jobs
+        assert job.error.status == 499 and job.texts is None
+        dropped_at = job.new_tokens
+        assert dropped_at < n_prompts * n_tokens
+        connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+        body = json.dumps({"input_data": ["Next"], "params": {"do_sample": False, "max_new_tokens": 5}})
+        connection.request("POST", "/score", body, JSON)
+        assert connection.getresponse().status == 200
+        connection.close()
+        assert job.new_tokens == dropped_at  # the worker decoded after, without its rows
+    finally:
+        stopper = threading.Thread(target=server.stop_gracefully, daemon=True)
+        stopper.start()
+        stopper.join(timeout=30)
+    assert not stopper.is_alive(), "the graceful stop is still waiting"
+    assert server._inflight == 0 and log.getvalue().count(" 499 ") == 1

@@ -211,6 +211,47 @@ def left_pad(prompts: Sequence[Sequence[int]]):  # B prompts -> [B, L] ids, [B, 
     return ids, valid, positions
 
 
+class RowSampler:
+    """One row's choice of tokens: its options, random generator, the tokens it has seen (prompt and
+    output, for the repetition penalty; None when off) and how many it has produced.
+
+    `choose` picks the next token from the row's logits; `done` says the row may produce no more
+    (EOS was drawn, unless `ignore_eos`, or `max_new_tokens` reached). Shared by `Decoder` and the
+    server's continuous batching, so that both choose the same tokens from the same seed.
+    """
+
+    def __init__(self, prompt: Sequence[int], options: GenerationOptions, rng: np.random.Generator, vocab_size: int):
+        self.options, self.rng = options, rng
+        self.n_new = 0
+        self.ended = False  # drew EOS
+        self.seen = None  # [V] bool
+        if options.repetition_penalty != 1.0:
+            self.seen = np.zeros(vocab_size, dtype=bool)
+            self.seen[list(prompt)] = True
+
+    @property
+    def done(self) -> bool:
+        return self.ended or self.n_new >= self.options.max_new_tokens
+
+    def choose(self, logits, eos: int) -> int | None:  # [V] scratch float32, changed in place -> id
+        """The next token, counted and marked seen; None (and `done`) when it is EOS that ends the row."""
+        token = next_token(logits, self.options, self.rng, self.seen)
+        if token == eos and not self.options.ignore_eos:
+            self.ended = True
+            return None
+        self.n_new += 1
+        if self.seen is not None:
+            self.seen[token] = True
+        return token
+
+
+def copy_rows(out, cache, rows) -> None:  # [n_layer, 2, b, H, w, D] <- rows of [n_layer, 2, B, H, w, D]
+    """out[:, :, j] = cache[:, :, rows[j]], row by row: straight from one buffer into the other
+    (`cache[:, :, rows]` would first copy the rows into a temporary, then copy them again)."""
+    for j, i in enumerate(rows):
+        out[:, :, j] = cache[:, :, i]
+
+
 class Decoder:
     """Batched, KV-cached decoding of several prompts, one token per live row per step.
 
@@ -238,7 +279,12 @@ class Decoder:
                 raise ValueError(f"prompt token ids must be in [0, {config.vocab_size}), got {min(p)}..{max(p)}")
         self.eos = config.eos_token_id
         self.finished: set[int] = set()
-        self.n_new = [0] * len(self.prompts)
+        self.samplers = [RowSampler(p, o, r, config.vocab_size) for p, o, r in zip(self.prompts, self.options, self.rngs)]
+
+    @property
+    def n_new(self) -> list[int]:
+        """How many tokens each row has produced."""
+        return [s.n_new for s in self.samplers]
 
     def finish(self, row: int) -> None:
         """Stop generating for `row` (its next step is skipped and it leaves the batch)."""
@@ -256,11 +302,6 @@ class Decoder:
         # One buffer for every layer's keys and values: [n_layer, 2, B, H, S_max, D]. np.empty is
         # free until written; a row's unwritten columns are never read (masked or beyond `start`).
         cache = np.empty((config.n_layer, 2, B, H, S_max, D), dtype=np.float32)
-        seen = None
-        if any(o.repetition_penalty != 1.0 for o in self.options):
-            seen = np.zeros((B, config.vocab_size), dtype=bool)  # tokens in each row's prompt + output
-            for b, p in enumerate(self.prompts):
-                seen[b, p] = True
 
         rows = np.arange(B)  # batch index -> original row
         has_padding = not valid.all()
@@ -274,15 +315,13 @@ class Decoder:
                 row = int(row)
                 if row in self.finished:
                     continue
-                token = next_token(logits[i], self.options[row], self.rngs[row], None if seen is None else seen[i])
-                if token == self.eos and not self.options[row].ignore_eos:
+                sampler = self.samplers[row]
+                token = sampler.choose(logits[i], self.eos)
+                if token is None:  # EOS
                     self.finished.add(row)
                     continue
                 step[row] = token
-                self.n_new[row] += 1
-                if seen is not None:
-                    seen[i, token] = True
-                if self.n_new[row] >= self.options[row].max_new_tokens:
+                if sampler.done:
                     self.finished.add(row)
                 else:
                     alive.append(i)
@@ -299,9 +338,8 @@ class Decoder:
                 rows, key_valid, positions = rows[keep], key_valid[keep], positions[keep]
                 # Copy only the columns written so far; the rest of the new buffer stays unallocated.
                 kept = np.empty((*cache.shape[:2], len(keep), *cache.shape[3:]), dtype=cache.dtype)
-                kept[:, :, :, :, :start] = cache[:, :, keep, :, :start]
+                copy_rows(kept[:, :, :, :, :start], cache[:, :, :, :, :start], keep)
                 cache = kept
-                seen = None if seen is None else seen[keep]
                 has_padding = bool((~key_valid[:, :start]).any())
             key_valid[:, start] = True
             positions = positions[:, -1:] + 1  # [B', 1]

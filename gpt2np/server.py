@@ -53,7 +53,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .generation import GenerationOptions, RowText, left_pad, next_token, prepare_prompts, row_generators
+from .generation import (GenerationOptions, RowSampler, RowText, copy_rows, left_pad, prepare_prompts,
+                         row_generators)
 from .model import causal_mask, gpt2, lm_head
 
 DEFAULT_HOST = "127.0.0.1"
@@ -164,27 +165,25 @@ def check_lengths(ids: list[list[int]], options: GenerationOptions, n_ctx: int, 
 
 # ---------------------------------------------------------------------------------------- jobs
 class Row:
-    """One prompt of a job while it decodes: its options, generator, text so far and token count."""
+    """One prompt of a job while it decodes: its options, its sampler (generator, token count,
+    tokens seen) and its text so far."""
 
     def __init__(self, job: Job, ids: list[int], options: GenerationOptions, rng, tokenizer, vocab_size: int):
-        self.job, self.ids, self.options, self.rng = job, ids, options, rng
+        self.job, self.ids, self.options = job, ids, options
+        self.sampler = RowSampler(ids, options, rng, vocab_size)
         self.text = RowText(tokenizer, options.stop)
-        self.n_new = 0
-        self.seen = None  # tokens of the prompt and output, for the repetition penalty
-        if options.repetition_penalty != 1.0:
-            self.seen = np.zeros(vocab_size, dtype=bool)
-            self.seen[ids] = True
+
+    @property
+    def n_new(self) -> int:
+        return self.sampler.n_new
 
     def choose(self, logits, eos: int) -> int | None:  # [V] scratch -> id
         """Pick this row's next token; None when the row has finished (the token is not fed back)."""
-        token = next_token(logits, self.options, self.rng, self.seen)
-        if token == eos and not self.options.ignore_eos:
+        token = self.sampler.choose(logits, eos)
+        if token is None:  # EOS
             return None
-        self.n_new += 1
-        if self.seen is not None:
-            self.seen[token] = True
         stopped = self.text.add(token)
-        return None if stopped or self.n_new >= self.options.max_new_tokens else token
+        return None if stopped or self.sampler.done else token
 
 
 class Job:
@@ -251,7 +250,8 @@ class RowsState:
     row's next token takes, and each row's logits for that token."""
 
     rows: list[Row]
-    cache: np.ndarray  # [n_layer, 2, b, H, w, D]
+    cache: np.ndarray  # [n_layer, 2, B, H, w, D], of which rows `cache_rows` are these rows
+    cache_rows: np.ndarray  # [b] the rows of `cache` that hold these rows, in order
     key_valid: np.ndarray  # [b, w]
     positions: np.ndarray  # [b]
     logits: np.ndarray  # [b, V]
@@ -297,8 +297,9 @@ class Batch:
 
     def forward(self, tokens: np.ndarray) -> None:  # [B] ids, one per row
         """Feed each row its chosen token: one decoding step; refreshes every row's logits."""
-        if self.end == self.state.key_valid.shape[1]:  # no room left (the layout leaves enough)
-            self._lay_out([self._used(range(len(self.rows)))])
+        # Room: a layout leaves max(max_new_tokens - n_new) columns, and between two layouts every
+        # row gets exactly one choose() (n_new + 1) per forward(), and stays only while n_new < max_new_tokens.
+        assert self.end < self.state.key_valid.shape[1], "no cache column left: forward() without choose()?"
         model, s, start = self.model, self.state, self.end
         s.key_valid[:, start] = True
         valid = s.key_valid[:, : start + 1]
@@ -316,18 +317,18 @@ class Batch:
         L = ids.shape[1]
         lengths = np.array([len(r.ids) for r in rows])
         H, D = config.n_head, config.head_size
-        cache = np.zeros((config.n_layer, 2, len(rows), H, L, D), dtype=np.float32)
+        cache = np.empty((config.n_layer, 2, len(rows), H, L, D), dtype=np.float32)  # gpt2 writes every column
         x = gpt2(ids, positions, model.params, config, mask=causal_mask(key_valid, 0, L), kv_cache=cache, start=0)
         logits = lm_head(x[:, -1], model.lm_head_weight)  # [b, V]
-        return RowsState(list(rows), cache, key_valid, lengths, logits)
+        return RowsState(list(rows), cache, np.arange(len(rows)), key_valid, lengths, logits)
 
     def _used(self, indices) -> RowsState:
-        """The rows at `indices`, cut to the columns they use (up to `end`)."""
+        """The rows at `indices`, cut to the columns they use (up to `end`); a view of the cache, not a copy."""
         idx = np.asarray(indices, dtype=np.intp)
         s = self.state
         key_valid = s.key_valid[idx, : self.end]
         lead = int(np.argmax(key_valid.any(axis=0)))  # the first column any of these rows uses
-        return RowsState([self.rows[i] for i in idx], s.cache[:, :, idx, :, lead : self.end],
+        return RowsState([self.rows[i] for i in idx], s.cache[:, :, :, :, lead : self.end], idx,
                          key_valid[:, lead:], s.positions[idx], s.logits[idx])  # fmt: skip
 
     def _lay_out(self, parts: list[RowsState]) -> None:
@@ -342,12 +343,12 @@ class Batch:
         b = 0
         for p in parts:
             n, w = len(p.rows), p.key_valid.shape[1]
-            cache[:, :, b : b + n, :, width - w : width] = p.cache
+            copy_rows(cache[:, :, b : b + n, :, width - w : width], p.cache, p.cache_rows)
             key_valid[b : b + n, width - w : width] = p.key_valid
             b += n
         positions = np.concatenate([p.positions for p in parts])
         logits = np.concatenate([p.logits for p in parts])
-        self.state = RowsState(rows, cache, key_valid, positions, logits)
+        self.state = RowsState(rows, cache, np.arange(len(rows)), key_valid, positions, logits)
         self.end = width
 
 

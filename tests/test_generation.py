@@ -382,3 +382,62 @@ def test_bad_prompts(small):
 
 def test_temperature_zero_is_fine_when_greedy(small):
     assert small.generate("Hi", do_sample=False, temperature=0, max_new_tokens=3)
+
+
+def test_row_sampler_counts_marks_seen_and_ends():
+    """RowSampler: one next_token per call, counted and marked seen; EOS ends the row uncounted."""
+    from gpt2np.generation import RowSampler
+
+    V, eos = 20, 19
+    options = GenerationOptions(max_new_tokens=3, temperature=0.9, repetition_penalty=1.3)
+    sampler, rng = RowSampler([1, 2], options, np.random.default_rng(5), V), np.random.default_rng(5)
+    seen = np.zeros(V, dtype=bool)
+    seen[[1, 2]] = True
+    logits = np.random.default_rng(0).standard_normal((3, V)).astype(np.float32)
+    logits[:, eos] = -1e9
+    for i in range(3):
+        assert not sampler.done
+        expected = next_token(logits[i].copy(), options, rng, seen)
+        seen[expected] = True
+        assert sampler.choose(logits[i].copy(), eos) == expected
+        assert sampler.n_new == i + 1 and (sampler.seen == seen).all()
+    assert sampler.done
+
+    ends = RowSampler([1], GenerationOptions(do_sample=False, max_new_tokens=5), None, V)
+    assert ends.seen is None  # no repetition penalty: nothing to track
+    only_eos = np.full(V, -1e9, dtype=np.float32)
+    only_eos[eos] = 0
+    assert ends.choose(only_eos.copy(), eos) is None and ends.done and ends.n_new == 0
+    keeps_going = RowSampler([1], GenerationOptions(do_sample=False, max_new_tokens=5, ignore_eos=True), None, V)
+    assert keeps_going.choose(only_eos.copy(), eos) == eos and not keeps_going.done and keeps_going.n_new == 1
+
+
+def test_copy_rows_is_the_fancy_index():
+    from gpt2np.generation import copy_rows
+
+    cache = np.random.default_rng(0).standard_normal((2, 2, 5, 3, 7, 4)).astype(np.float32)
+    rows = np.array([4, 0, 2])
+    out = np.full((2, 2, 3, 3, 9, 4), np.nan, dtype=np.float32)
+    copy_rows(out[:, :, :, :, 2:8], cache[:, :, :, :, 1:7], rows)
+    assert (out[:, :, :, :, 2:8] == cache[:, :, rows, :, 1:7]).all()
+    assert np.isnan(out[:, :, :, :, :2]).all() and np.isnan(out[:, :, :, :, 8:]).all()
+
+
+def test_ragged_sampled_batch_with_penalty_rows_equal_rows_alone(small):
+    """Rows with their own repetition penalty and sampler, leaving the batch at different steps
+    (EOS allowed), produce what they produce alone from the same generator."""
+    prompts = [[5] * 9, [17, 18], [400, 500, 600, 700], [9999]]
+    options = [GenerationOptions(max_new_tokens=4, repetition_penalty=1.5, top_k=20),
+               GenerationOptions(max_new_tokens=13, temperature=1.2),
+               GenerationOptions(max_new_tokens=8, do_sample=False, repetition_penalty=2.0, ignore_eos=True),
+               GenerationOptions(max_new_tokens=11, repetition_penalty=0.7, top_p=0.9)]  # fmt: skip
+    outs = [[] for _ in prompts]
+    for step in Decoder(small, prompts, options, row_generators(3, 4)):
+        for row, token in step.items():
+            outs[row].append(token)
+    assert len({len(o) for o in outs}) > 1  # the rows did leave at different steps
+    for r, (p, o) in enumerate(zip(prompts, options)):
+        alone = []
+        for step in Decoder(small, [p], [o], [row_generators(3, 4)[r]]):
+            alone.append(step[0])
+        assert outs[r] == alone

@@ -362,6 +362,32 @@ def test_rows_joining_and_leaving_mid_decoding_match_the_library(model):
             assert job.texts == [expected], prompt
 
 
+
+def test_keeping_rows_lays_out_their_cache_columns(model):
+    """keep() copies the kept rows' used columns, in the order asked, right-aligned at `end`, with
+    room for the tokens still to come; every copied column is finite (prefill writes them all)."""
+    from gpt2np.generation import GenerationOptions, prepare_prompts
+    from gpt2np.server import Batch, Job
+
+    prompts = ["One", "A longer prompt than the first", "Mid length one", "x"]
+    o = GenerationOptions(max_new_tokens=5, do_sample=False, ignore_eos=True)
+    job = Job(prompts, prepare_prompts(model.tokenizer, prompts, bos=50256), o, None, False, model)
+    batch = Batch(model)
+    batch.add(job.rows)
+    tokens = [row.choose(batch.state.logits[i], model.config.eos_token_id) for i, row in enumerate(batch.rows)]
+    batch.forward(np.array(tokens))
+    before, end = batch.state, batch.end
+    keep = [3, 0, 2]  # reordered, not contiguous, and without the longest row: the layout narrows
+    batch.keep(keep)
+    after = batch.state
+    lead = int(np.argmax(before.key_valid[keep, :end].any(axis=0)))
+    w = end - lead
+    assert batch.end == w and [r.ids for r in after.rows] == [before.rows[i].ids for i in keep]
+    np.testing.assert_array_equal(after.cache[:, :, :, :, :w], before.cache[:, :, keep, :, lead:end])
+    np.testing.assert_array_equal(after.key_valid[:, :w], before.key_valid[keep, lead:end])
+    assert np.isfinite(after.cache[:, :, :, :, :w]).all()  # padding too: masked weights are zeros, 0 * NaN is not
+    assert after.key_valid.shape[1] >= w + o.max_new_tokens - 1  # room for the tokens still to come
+
 # ---------------------------------------------------------------------------------------- limits and failures
 @pytest.fixture(scope="module")
 def small_vocab_server(tmp_path_factory):

@@ -18,7 +18,9 @@ Three kinds of task:
 
 Everything goes through `score_tokens`, which right-pads sequences into [B, L] batches. Attention
 is causal, so a real position never sees the padding that comes after it: padding changes no
-score and is simply not read. Logits are computed only where a token is scored, a chunk of rows
+score and is simply not read. Cloze candidates share their context: `score_continuations` runs it
+once into a KV cache and each batch of candidates from its end (falling back to `score_tokens`
+for a candidate that does not fit after the whole context). Logits are computed only where a token is scored, a chunk of rows
 at a time (a full [L, V] logits matrix is 200 MB for L = 1024), and log-softmax is a float32
 log-sum-exp accumulated in float64.
 
@@ -123,9 +125,11 @@ def target_log_probs(hidden, wte, targets, *, rows: int = LOGIT_ROWS):  # [N, C]
     for s in range(0, N, rows):
         logits = lm_head(hidden[s : s + rows], wte)  # [n, V]
         n, target = len(logits), targets[s : s + rows]
-        greedy[s : s + n] = logits.argmax(axis=-1) == target  # argmax's tie rule: the first maximum wins
-        chosen = logits[np.arange(n), target]  # [n]
-        top = logits.max(axis=-1)  # [n]
+        rows_n = np.arange(n)
+        best = logits.argmax(axis=-1)  # [n]; one pass gives both the argmax and the maximum
+        greedy[s : s + n] = best == target  # argmax's tie rule: the first maximum wins
+        chosen = logits[rows_n, target]  # [n]
+        top = logits[rows_n, best]  # [n], the row maxima
         logits -= top[:, None]
         np.exp(logits, out=logits)
         log_sum = np.log(logits.sum(axis=-1, dtype=np.float64))  # log sum exp(logit - top)
@@ -322,6 +326,103 @@ def _continuation(model, context: str, continuation: str, *, prepend_eot: bool) 
     return ids, len(ids) - len(target_ids)
 
 
+def _context_and_targets(model, context: str, continuations: Sequence[str], *,
+                         prepend_eot: bool) -> tuple[list[int], list[list[int]]]:  # fmt: skip
+    """The context's ids (tokenized once, shared by every continuation) and each continuation's ids,
+    with `_continuation`'s checks."""
+    tokenizer = model.tokenizer
+    context_ids = tokenizer.encode(context, disallowed_special=())
+    if prepend_eot:
+        context_ids = [tokenizer.eot_token] + context_ids
+    if not context_ids:
+        raise ValueError("the context is empty: nothing predicts the first token; pass prepend_eot=True")
+    targets = []
+    for continuation in continuations:
+        target_ids = tokenizer.encode(continuation, disallowed_special=())
+        if not target_ids:
+            raise ValueError("the continuation is empty: there is nothing to score")
+        if len(target_ids) >= model.config.n_ctx:
+            raise ValueError(f"a continuation of {len(target_ids)} tokens leaves no room for context "
+                             f"in {model.config.n_ctx} tokens")  # fmt: skip
+        targets.append(target_ids)
+    return context_ids, targets
+
+
+def score_continuations(model, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], *,
+                        batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True, desc: str = "scoring",
+                        unit: str = "seq") -> list[list[tuple[np.ndarray, np.ndarray]]]:  # fmt: skip
+    """Score several continuations of one shared context, the context run through the model once.
+
+    `groups` holds `(context_ids, [target_ids, ...])`; the result, per group and per target, is
+    `score_tokens`'s `(log_probs, greedy)` for `(context_ids + target_ids, len(context_ids))`, the same
+    numbers up to float32 rounding. The context is run once into a KV cache (batch 1), its keys and
+    values are copied into `batch_size` rows, and each batch of targets is run from position
+    `len(context_ids)`, overwriting only the positions after the context. A target that would not
+    fit in the model's context with the whole context before it is cut on the left differently from
+    the others: it goes through `score_tokens` (`_continuation`'s cut) instead.
+    """
+    _check_batch_size(batch_size)
+    n_ctx = model.config.n_ctx
+    results: list[list] = [[None] * len(targets) for _, targets in groups]
+    fallback, owners = [], []  # sequences too long to keep the whole context
+    total = sum(len(targets) for _, targets in groups)
+    with tqdm(total=total, desc=desc, unit=unit, disable=not progress, file=sys.stderr, leave=False) as bar:
+        for g, (context_ids, targets) in enumerate(groups):
+            cached = [j for j, t in enumerate(targets) if len(context_ids) + len(t) <= n_ctx]
+            for j in range(len(targets)):
+                if len(context_ids) + len(targets[j]) > n_ctx:
+                    ids = (list(context_ids) + list(targets[j]))[-n_ctx:]
+                    fallback.append((ids, len(ids) - len(targets[j])))
+                    owners.append((g, j))
+            if cached:
+                for j, scored in zip(cached, _score_cached(model, context_ids, [targets[j] for j in cached],
+                                                           batch_size=batch_size, bar=bar)):  # fmt: skip
+                    results[g][j] = scored
+        if fallback:
+            for (g, j), scored in zip(owners, score_tokens(model, fallback, batch_size=batch_size, progress=False)):
+                results[g][j] = scored
+            bar.update(len(fallback))
+    return results
+
+
+def _score_cached(model, context_ids, targets, *, batch_size, bar) -> list[tuple[np.ndarray, np.ndarray]]:
+    """`score_continuations` for one context and targets that each fit after the whole context."""
+    config = model.config
+    P = len(context_ids)
+    H, D = config.n_head, config.n_embd // config.n_head
+    S_max = P + max(len(t) for t in targets) - 1  # the last target token is predicted, never read
+    rows = min(batch_size, len(targets))
+    cache = np.empty((config.n_layer, 2, rows, H, S_max, D), dtype=np.float32)
+    context = model.check_ids(np.asarray(context_ids, dtype=np.intp)[None])  # [1, P]
+    x = gpt2(context, np.arange(P)[None], model.params, config, mask=causal_mask(np.ones((1, P), dtype=bool), 0, P),
+             kv_cache=cache[:, :, :1], start=0)  # fmt: skip
+    last = x[0, -1]  # [C]: predicts every target's first token
+    cache[:, :, 1:, :, :P] = cache[:, :, :1, :, :P]  # the context's keys and values in every row
+    results = []
+    for s in range(0, len(targets), rows):
+        batch = [np.asarray(t, dtype=np.intp) for t in targets[s : s + rows]]
+        B, T = len(batch), max(len(t) for t in batch) - 1  # each target but its last token is read
+        hidden_rows = []
+        if T > 0:
+            tokens = np.zeros((B, T), dtype=np.intp)  # right padding: causality hides it
+            for b, t in enumerate(batch):
+                tokens[b, : len(t) - 1] = t[:-1]
+            tokens = model.check_ids(tokens)
+            positions = np.broadcast_to(np.arange(P, P + T), (B, T))
+            mask = causal_mask(np.ones((B, P + T), dtype=bool), P, T)
+            y = gpt2(tokens, positions, model.params, config, mask=mask, kv_cache=cache[:, :, :B], start=P)  # [B, T, C]
+        for b, t in enumerate(batch):
+            hidden_rows.append(last[None])
+            if len(t) > 1:
+                hidden_rows.append(y[b, : len(t) - 1])
+        hidden = np.concatenate(hidden_rows)  # [N, C]
+        log_probs, greedy = target_log_probs(hidden, model.lm_head_weight, model.check_ids(np.concatenate(batch)))
+        splits = np.cumsum([len(t) for t in batch])[:-1]
+        results += zip(np.split(log_probs, splits), np.split(greedy, splits))
+        bar.update(B)
+    return results
+
+
 def multiple_choice(model, context: str, candidates: Sequence[str], *, prepend_eot: bool = False,
                     batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> dict:  # fmt: skip
     """Score each candidate continuation of `context`; the highest total log-likelihood wins.
@@ -335,9 +436,9 @@ def multiple_choice(model, context: str, candidates: Sequence[str], *, prepend_e
     """
     if not candidates:
         raise ValueError("no candidates to choose from")
-    sequences = [_continuation(model, context, c, prepend_eot=prepend_eot) for c in candidates]
-    scored = score_tokens(model, sequences, batch_size=batch_size, progress=progress, desc="candidates",
-                          unit="candidate")  # fmt: skip
+    group = _context_and_targets(model, context, candidates, prepend_eot=prepend_eot)
+    (scored,) = score_continuations(model, [group], batch_size=batch_size, progress=progress, desc="candidates",
+                                    unit="candidate")  # fmt: skip
     scores = [float(log_probs.sum()) for log_probs, _ in scored]
     return {"scores": scores, "best": int(np.argmax(scores))}
 
@@ -384,15 +485,12 @@ def cbt(model, examples: Iterable[ClozeExample], *, detokenizer: str = "cbt", pr
     examples = list(examples)
     if not examples:
         raise ValueError("no CBT examples to score")
-    sequences, owners = [], []
-    for k, example in enumerate(examples):
+    groups = []
+    for example in examples:
         context, continuations = cloze_choices(example, detokenizer=detokenizer)
-        sequences += [_continuation(model, context, c, prepend_eot=prepend_eot) for c in continuations]
-        owners += [k] * len(continuations)
-    scored = score_tokens(model, sequences, batch_size=batch_size, progress=progress, desc="cbt", unit="candidate")
-    scores: list[list[float]] = [[] for _ in examples]
-    for k, (log_probs, _) in zip(owners, scored):
-        scores[k].append(float(log_probs.sum()))
+        groups.append(_context_and_targets(model, context, continuations, prepend_eot=prepend_eot))
+    scored = score_continuations(model, groups, batch_size=batch_size, progress=progress, desc="cbt", unit="candidate")
+    scores = [[float(log_probs.sum()) for log_probs, _ in group] for group in scored]
     correct = [ex.candidates[int(np.argmax(s))] == ex.answer for ex, s in zip(examples, scores)]
     return {"accuracy": float(np.mean(correct)), "examples": len(examples), "detokenizer": detokenizer,
             "prepend_eot": prepend_eot}  # fmt: skip
@@ -800,17 +898,10 @@ def format_table(report: dict, *, model: str = "") -> str:
 _METHOD_KEYS = ("max_length", "stride", "prepend_eot", "detokenizer", "limit")
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line instead of argparse's usage block
-        raise _UsageError(f"{message} (see --help)")
-
-
 def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
-    parser = _Parser(
+    from .cli import ArgumentParser  # a bad flag is a one-line UsageError, as in every gpt2np command
+
+    parser = ArgumentParser(
         prog=prog,
         description="Zero-shot evaluation of a GPT-2 checkpoint on a task of the GPT-2 model card's table; "
         "prints the model card's figure next to the measured one. Methods: docs/evaluation.md.",
@@ -834,11 +925,11 @@ def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "gpt2np eval") -> int:
     """Run the command; returns the exit status (2 with one line on stderr on any error)."""
-    from .model import GPT2
+    from .cli import UsageError, load_model, one_line
 
     try:
         args = build_parser(prog).parse_args(argv)
-        model = GPT2.from_pretrained(args.model, progress=not args.quiet)
+        model = load_model(args.model, revision="main", cache_dir=None, progress=not args.quiet)
         report = evaluate_task(
             model, args.task, data=args.data, max_length=args.max_length, stride=args.stride,
             batch_size=args.batch_size, limit=args.limit, prepend_eot=args.prepend_eot,
@@ -849,9 +940,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "gpt2np eval") -> int
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
-    except (_UsageError, ValueError, OSError) as e:
-        message = " ".join(str(e).split())
-        print(f"{prog}: error: {message}", file=sys.stderr)
+    except (UsageError, ValueError, OSError) as e:
+        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
         return 2
     report = {"model": args.model} | report
     print(json.dumps(report, indent=2) if args.json else format_table(report, model=args.model))

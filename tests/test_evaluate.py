@@ -738,3 +738,70 @@ def test_lambada_matches_transformers(full_size):
     print(f"\nlambada: {len(passages)} passages, accuracy {got['accuracy']:.4f} vs {want['accuracy']:.4f}, "
           f"ppl {got['ppl']:.4f} vs {want['ppl']:.4f}, worst relative difference {worst:.2e}")  # fmt: skip
     assert worst < 1e-4
+
+
+def _uncached_scores(model, context_ids, targets):
+    """The old path: every candidate's whole sequence through `score_tokens`."""
+    n_ctx = model.config.n_ctx
+    sequences = []
+    for t in targets:
+        ids = (list(context_ids) + list(t))[-n_ctx:]
+        sequences.append((ids, len(ids) - len(t)))
+    return evaluate.score_tokens(model, sequences, batch_size=3, progress=False)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    context_len=st.integers(1, 60),
+    target_lens=st.lists(st.integers(1, 12), min_size=1, max_size=7),
+    batch_size=st.integers(1, 5),
+    seed=st.integers(0, 2**16),
+)
+def test_cached_continuations_equal_uncached_scoring(small, context_len, target_lens, batch_size, seed):
+    # Contexts up to 60 tokens and targets up to 12 in a 64-token model: some candidates fit after
+    # the whole context (KV-cached path), others are cut on the left (the score_tokens fallback).
+    rng = np.random.default_rng(seed)
+    V = small.config.vocab_size
+    context_ids = rng.integers(0, V, context_len).tolist()
+    targets = [rng.integers(0, V, n).tolist() for n in target_lens]
+    (cached,) = evaluate.score_continuations(small, [(context_ids, targets)], batch_size=batch_size, progress=False)
+    uncached = _uncached_scores(small, context_ids, targets)
+    assert len(cached) == len(uncached) == len(targets)
+    for (lp_new, greedy_new), (lp_old, greedy_old), t in zip(cached, uncached, targets):
+        assert lp_new.shape == lp_old.shape == (len(t),)
+        np.testing.assert_allclose(lp_new, lp_old, rtol=0, atol=1e-4)
+        assert (greedy_new == greedy_old).all()  # a target is the argmax with a margin far above rounding
+    new_sums, old_sums = [lp.sum() for lp, _ in cached], [lp.sum() for lp, _ in uncached]
+    top_two = sorted(old_sums)[-2:]
+    if len(top_two) < 2 or top_two[1] - top_two[0] > 1e-3:  # the same choice unless two candidates tie
+        assert int(np.argmax(new_sums)) == int(np.argmax(old_sums))
+
+
+def test_multiple_choice_and_cbt_equal_the_uncached_path(small, tmp_path):
+    path = tmp_path / "cbt.txt"
+    path.write_text(CBT_FILE)
+    examples = read_cbt(path)
+    picks = []
+    for prepend_eot in (False, True):
+        for example in examples:
+            context, continuations = cloze_choices(example)
+            result = multiple_choice(small, context, continuations, prepend_eot=prepend_eot, progress=False)
+            old = [evaluate._continuation(small, context, c, prepend_eot=prepend_eot) for c in continuations]
+            old_scores = [float(lp.sum()) for lp, _ in evaluate.score_tokens(small, old, progress=False)]
+            np.testing.assert_allclose(result["scores"], old_scores, rtol=0, atol=1e-4)
+            assert result["best"] == int(np.argmax(old_scores))
+            picks.append(example.candidates[result["best"]] == example.answer)
+        result = cbt(small, examples, prepend_eot=prepend_eot, progress=False, batch_size=2)
+        assert result["accuracy"] == float(np.mean(picks[-len(examples):]))
+
+
+def test_long_context_falls_back_to_the_left_cut(small):
+    # A context longer than the model: every candidate is cut on the left, as before.
+    context = PROSE
+    candidates = [" mat.", " dog and slept.", " roof"]
+    result = multiple_choice(small, context, candidates, progress=False)
+    old = [evaluate._continuation(small, context, c, prepend_eot=False) for c in candidates]
+    assert all(len(ids) == small.config.n_ctx for ids, _ in old)
+    old_scores = [float(lp.sum()) for lp, _ in evaluate.score_tokens(small, old, progress=False)]
+    np.testing.assert_allclose(result["scores"], old_scores, rtol=0, atol=1e-4)
+    assert result["best"] == int(np.argmax(old_scores))

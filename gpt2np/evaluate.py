@@ -16,13 +16,13 @@ Three kinds of task:
 - cloze (CBT): each candidate completes the sentence; the completion with the highest
   log-likelihood wins (`multiple_choice`, `cbt`).
 
-Everything goes through `score_tokens`, which right-pads sequences into [B, L] batches. Attention
-is causal, so a real position never sees the padding that comes after it: padding changes no
-score and is simply not read. Cloze candidates share their context: `score_continuations` runs it
-once into a KV cache and each batch of candidates from its end (falling back to `score_tokens`
-for a candidate that does not fit after the whole context). Logits are computed only where a token is scored, a chunk of rows
-at a time (a full [L, V] logits matrix is 200 MB for L = 1024), and log-softmax is a float32
-log-sum-exp accumulated in float64.
+Sequences are scored by `score_tokens`, which right-pads them into [B, L] batches. Attention is
+causal, so a real position never sees the padding that comes after it: padding changes no score
+and is simply not read. Cloze candidates share their context: `score_continuations` runs it once
+into a KV cache and each batch of candidates from its end (falling back to `score_tokens` for a
+candidate that does not fit after the whole context). Logits are computed only where a token is
+scored, a chunk of rows at a time (a full [L, V] logits matrix is 200 MB for L = 1024), and
+log-softmax is a float32 log-sum-exp accumulated in float64.
 
 Shape letters as in `gpt2np.model`: B batch, L positions of a padded batch, C channels,
 V vocabulary, N scored tokens.

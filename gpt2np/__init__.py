@@ -1,7 +1,7 @@
 """gpt2np: GPT-2 inference in pure NumPy."""
 
 from .config import GPT2Config
-from .model import GPT2
+from .api import GPT2
 from .tokenizer import Tokenizer
 
 __all__ = ["GPT2", "GPT2Config", "Tokenizer"]

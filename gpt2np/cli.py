@@ -326,7 +326,7 @@ def check_options(options: dict, *, source: str) -> None:
 
 def sampler_options(options: dict):
     """The GenerationOptions of GPT2.generate's keyword arguments (all but seed and return_full_text)."""
-    from .generation import GenerationOptions
+    from .sampling import GenerationOptions
 
     return GenerationOptions.make(**{k: v for k, v in options.items() if k not in ("seed", "return_full_text")})
 
@@ -539,7 +539,7 @@ def check_params(params, *, source: str) -> dict:
 def load_model(name_or_path: str, *, revision: str, cache_dir: str | None, progress: bool):
     """GPT2.from_pretrained, with a failure (no such folder or repo, no network, a bad checkpoint)
     turned into a UsageError that names the model."""
-    from .model import GPT2
+    from .api import GPT2
 
     try:
         return GPT2.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, progress=progress)
@@ -612,7 +612,8 @@ def print_samples(model, prompt: str, options: dict, n: int, *, out) -> None:
 def stream_samples(model, prompt: str, options: dict, n: int, *, out) -> None:
     """Print n samples one after the other, each piece as soon as it is decided. Sample i draws
     from the seed's i-th child, as in print_samples, so both print the same text."""
-    from .generation import row_generators, stream_text
+    from .generation import stream_text
+    from .sampling import row_generators
 
     sampler = sampler_options(options)
     for i, rng in enumerate(row_generators(options["seed"], n)):

@@ -46,7 +46,8 @@ import numpy as np
 import requests
 from tqdm import tqdm
 
-from .model import causal_mask, gpt2, lm_head
+from . import engine
+from .model import lm_head
 
 # Rows of logits computed at once: 256 x 50,257 float32 is 51 MB.
 LOGIT_ROWS = 256
@@ -104,10 +105,7 @@ def _score_batch(model, batch) -> list[tuple[np.ndarray, np.ndarray]]:
         rows_t.append(np.arange(first - 1, len(ids) - 1))  # position t predicts token t + 1
         targets.append(ids[first:])
         counts.append(len(ids) - first)
-    tokens = model.check_ids(tokens)
-    positions = np.broadcast_to(np.arange(L), (B, L))
-    mask = causal_mask(np.ones((B, L), dtype=bool), 0, L)  # right padding: causality already hides it
-    x = gpt2(tokens, positions, model.params, model.config, mask=mask)  # [B, L, C]
+    x = engine.hidden_states(model, model.check_ids(tokens))  # [B, L, C]; right padding: causality hides it
     hidden = x[np.concatenate(rows_b), np.concatenate(rows_t)]  # [N, C]
     log_probs, greedy = target_log_probs(hidden, model.lm_head_weight, np.concatenate(targets))
     splits = np.cumsum(counts)[:-1]
@@ -387,38 +385,16 @@ def score_continuations(model, groups: Sequence[tuple[Sequence[int], Sequence[Se
 
 def _score_cached(model, context_ids, targets, *, batch_size, bar) -> list[tuple[np.ndarray, np.ndarray]]:
     """`score_continuations` for one context and targets that each fit after the whole context."""
-    config = model.config
-    P = len(context_ids)
-    H, D = config.n_head, config.n_embd // config.n_head
-    S_max = P + max(len(t) for t in targets) - 1  # the last target token is predicted, never read
-    rows = min(batch_size, len(targets))
-    cache = np.empty((config.n_layer, 2, rows, H, S_max, D), dtype=np.float32)
-    context = model.check_ids(np.asarray(context_ids, dtype=np.intp)[None])  # [1, P]
-    x = gpt2(context, np.arange(P)[None], model.params, config, mask=causal_mask(np.ones((1, P), dtype=bool), 0, P),
-             kv_cache=cache[:, :, :1], start=0)  # fmt: skip
-    last = x[0, -1]  # [C]: predicts every target's first token
-    cache[:, :, 1:, :, :P] = cache[:, :, :1, :, :P]  # the context's keys and values in every row
-    results = []
-    for s in range(0, len(targets), rows):
-        batch = [np.asarray(t, dtype=np.intp) for t in targets[s : s + rows]]
-        B, T = len(batch), max(len(t) for t in batch) - 1  # each target but its last token is read
-        hidden_rows = []
-        if T > 0:
-            tokens = np.zeros((B, T), dtype=np.intp)  # right padding: causality hides it
-            for b, t in enumerate(batch):
-                tokens[b, : len(t) - 1] = t[:-1]
-            tokens = model.check_ids(tokens)
-            positions = np.broadcast_to(np.arange(P, P + T), (B, T))
-            mask = causal_mask(np.ones((B, P + T), dtype=bool), P, T)
-            y = gpt2(tokens, positions, model.params, config, mask=mask, kv_cache=cache[:, :, :B], start=P)  # [B, T, C]
-        for b, t in enumerate(batch):
-            hidden_rows.append(last[None])
-            if len(t) > 1:
-                hidden_rows.append(y[b, : len(t) - 1])
-        hidden = np.concatenate(hidden_rows)  # [N, C]
-        log_probs, greedy = target_log_probs(hidden, model.lm_head_weight, model.check_ids(np.concatenate(batch)))
+    for ids in [context_ids, *targets]:
+        model.check_ids(np.asarray(ids)[None])
+    results, done = [], 0
+    for B, states in engine.continuation_states(model, context_ids, targets, batch_size=batch_size):
+        batch = targets[done : done + B]
+        log_probs, greedy = target_log_probs(np.concatenate(states), model.lm_head_weight,
+                                             np.concatenate([np.asarray(t, dtype=np.intp) for t in batch]))  # fmt: skip
         splits = np.cumsum([len(t) for t in batch])[:-1]
         results += zip(np.split(log_probs, splits), np.split(greedy, splits))
+        done += B
         bar.update(B)
     return results
 

@@ -29,9 +29,6 @@ fails, its rows leave the batch at the next step, and no answer is written.
 The library prints nothing; this server writes its own log to stderr: a start line, one line per
 request (client, method, path, status, prompts, new tokens, seconds) and a stop line. A request whose
 client left is logged with status 499, nginx's "client closed request"; no client ever receives it.
-
-Shape letters as in gpt2np.model: B rows in the batch, H heads, D head size, C channels,
-V vocabulary, S cache columns; b and w are the rows and columns of a part being laid out.
 """
 
 from __future__ import annotations
@@ -51,11 +48,9 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-import numpy as np
-
-from .generation import (GenerationOptions, RowSampler, RowText, copy_rows, left_pad, prepare_prompts,
-                         row_generators)
-from .model import causal_mask, gpt2, lm_head
+from .engine import Engine, Row
+from .generation import RowText, prepare_prompts
+from .sampling import GenerationOptions, row_generators
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5001
@@ -164,26 +159,14 @@ def check_lengths(ids: list[list[int]], options: GenerationOptions, n_ctx: int, 
 
 
 # ---------------------------------------------------------------------------------------- jobs
-class Row:
-    """One prompt of a job while it decodes: its options, its sampler (generator, token count,
-    tokens seen) and its text so far."""
+class JobRow(Row):
+    """One prompt of a job while it decodes: an engine row that knows its job and its text so far."""
 
     def __init__(self, job: Job, ids: list[int], options: GenerationOptions, rng, tokenizer, vocab_size: int):
-        self.job, self.ids, self.options = job, ids, options
-        self.sampler = RowSampler(ids, options, rng, vocab_size)
+        super().__init__(ids, options, rng, vocab_size)
+        self.job = job
         self.text = RowText(tokenizer, options.stop)
-
-    @property
-    def n_new(self) -> int:
-        return self.sampler.n_new
-
-    def choose(self, logits, eos: int) -> int | None:  # [V] scratch -> id
-        """Pick this row's next token; None when the row has finished (the token is not fed back)."""
-        token = self.sampler.choose(logits, eos)
-        if token is None:  # EOS
-            return None
-        stopped = self.text.add(token)
-        return None if stopped or self.sampler.done else token
+        self.settled = False  # counted by its job as finished
 
 
 class Job:
@@ -197,7 +180,7 @@ class Job:
                  return_full_text: bool, model):  # fmt: skip
         self.prompts, self.return_full_text = prompts, return_full_text
         rngs = row_generators(seed, len(prompts))
-        self.rows = [Row(self, p, options, rng, model.tokenizer, model.config.vocab_size) for p, rng in zip(ids, rngs)]
+        self.rows = [JobRow(self, p, options, rng, model.tokenizer, model.config.vocab_size) for p, rng in zip(ids, rngs)]
         self.n_admitted = 0  # rows handed to the batch so far
         self.n_unfinished = len(self.rows)
         self.done = threading.Event()
@@ -243,115 +226,6 @@ def internal_error(e: BaseException) -> HTTPError:
 
 
 # ---------------------------------------------------------------------------------------- batching
-@dataclass
-class RowsState:
-    """The decoding state of some rows: a KV cache over w columns in which each row's tokens are
-    right-aligned (its padding on the left), which columns hold real tokens, the position each
-    row's next token takes, and each row's logits for that token."""
-
-    rows: list[Row]
-    cache: np.ndarray  # [n_layer, 2, B, H, w, D], of which rows `cache_rows` are these rows
-    cache_rows: np.ndarray  # [b] the rows of `cache` that hold these rows, in order
-    key_valid: np.ndarray  # [b, w]
-    positions: np.ndarray  # [b]
-    logits: np.ndarray  # [b, V]
-
-
-class Batch:
-    """The rows decoding together and their shared KV cache.
-
-    The cache is one buffer [n_layer, 2, B, H, S_cap, D] with one write column, `end`: every row's
-    next token goes there, so rows are right-aligned and a row that joined with a shorter history
-    has padding on its left, hidden by `key_valid` (and zero: masked attention weights are exact
-    zeros, and 0 * garbage could be NaN). Positions count from each row's first token, so padding
-    changes nothing but rounding. Rows join between steps (their prompts prefilled in a pass of
-    their own, then copied in) and leave when they finish; both re-lay the cache tightly, with room
-    for the rows' remaining tokens.
-    """
-
-    def __init__(self, model):
-        self.model = model
-        self.clear()
-
-    def clear(self) -> None:
-        self.state: RowsState | None = None
-        self.end = 0  # the column the next token of every row is written to
-
-    @property
-    def rows(self) -> list[Row]:
-        return [] if self.state is None else self.state.rows
-
-    def add(self, rows: list[Row]) -> None:
-        """Prefill `rows` and let them join the batch."""
-        new = self.prefill(rows)
-        self._lay_out([new] if self.state is None else [self._used(range(len(self.rows))), new])
-
-    def keep(self, indices: list[int]) -> None:
-        """Keep only the rows at `indices` (in that order)."""
-        if len(indices) == len(self.rows):
-            return
-        if not indices:
-            self.clear()
-        else:
-            self._lay_out([self._used(indices)])
-
-    def forward(self, tokens: np.ndarray) -> None:  # [B] ids, one per row
-        """Feed each row its chosen token: one decoding step; refreshes every row's logits."""
-        # Room: a layout leaves max(max_new_tokens - n_new) columns, and between two layouts every
-        # row gets exactly one choose() (n_new + 1) per forward(), and stays only while n_new < max_new_tokens.
-        assert self.end < self.state.key_valid.shape[1], "no cache column left: forward() without choose()?"
-        model, s, start = self.model, self.state, self.end
-        s.key_valid[:, start] = True
-        valid = s.key_valid[:, : start + 1]
-        mask = None if valid.all() else causal_mask(valid, start, 1)  # padding to hide?
-        x = gpt2(tokens[:, None], s.positions[:, None], model.params, model.config, mask=mask,
-                 kv_cache=s.cache, start=start)  # [B, 1, C]  # fmt: skip
-        s.logits = lm_head(x[:, -1], model.lm_head_weight)  # [B, V]
-        s.positions += 1
-        self.end += 1
-
-    def prefill(self, rows: list[Row]) -> RowsState:
-        """Run the prompts of `rows`, left-padded to the longest, into a cache of their own."""
-        model, config = self.model, self.model.config
-        ids, key_valid, positions = left_pad([r.ids for r in rows])  # [b, L] each
-        L = ids.shape[1]
-        lengths = np.array([len(r.ids) for r in rows])
-        H, D = config.n_head, config.head_size
-        cache = np.empty((config.n_layer, 2, len(rows), H, L, D), dtype=np.float32)  # gpt2 writes every column
-        x = gpt2(ids, positions, model.params, config, mask=causal_mask(key_valid, 0, L), kv_cache=cache, start=0)
-        logits = lm_head(x[:, -1], model.lm_head_weight)  # [b, V]
-        return RowsState(list(rows), cache, np.arange(len(rows)), key_valid, lengths, logits)
-
-    def _used(self, indices) -> RowsState:
-        """The rows at `indices`, cut to the columns they use (up to `end`); a view of the cache, not a copy."""
-        idx = np.asarray(indices, dtype=np.intp)
-        s = self.state
-        key_valid = s.key_valid[idx, : self.end]
-        lead = int(np.argmax(key_valid.any(axis=0)))  # the first column any of these rows uses
-        return RowsState([self.rows[i] for i in idx], s.cache[:, :, :, :, lead : self.end], idx,
-                         key_valid[:, lead:], s.positions[idx], s.logits[idx])  # fmt: skip
-
-    def _lay_out(self, parts: list[RowsState]) -> None:
-        """A new cache holding every part's rows right-aligned at `end`, with room for the tokens the
-        rows may still feed back. np.zeros maps zero pages lazily: the room costs nothing until written."""
-        width = max(p.key_valid.shape[1] for p in parts)
-        rows = [row for p in parts for row in p.rows]
-        room = max(row.options.max_new_tokens - row.n_new for row in rows)
-        n_layer, _, _, H, _, D = parts[0].cache.shape
-        cache = np.zeros((n_layer, 2, len(rows), H, width + room, D), dtype=np.float32)
-        key_valid = np.zeros((len(rows), width + room), dtype=bool)
-        b = 0
-        for p in parts:
-            n, w = len(p.rows), p.key_valid.shape[1]
-            copy_rows(cache[:, :, b : b + n, :, width - w : width], p.cache, p.cache_rows)
-            key_valid[b : b + n, width - w : width] = p.key_valid
-            b += n
-        positions = np.concatenate([p.positions for p in parts])
-        logits = np.concatenate([p.logits for p in parts])
-        self.state = RowsState(rows, cache, np.arange(len(rows)), key_valid, positions, logits)
-        self.end = width
-
-
 class Scheduler:
     """Owns the model: one worker thread decodes every accepted job in one batch.
 
@@ -362,7 +236,7 @@ class Scheduler:
 
     def __init__(self, model, *, max_batch_size: int, max_queue: int):
         self.model, self.max_batch_size, self.max_queue = model, max_batch_size, max_queue
-        self.batch = Batch(model)
+        self.engine = Engine(model)
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -399,30 +273,30 @@ class Scheduler:
     def depth(self) -> tuple[int, int]:
         """(requests waiting, prompt rows decoding)."""
         with self._cond:
-            return sum(not job.closed for job in self._waiting), len(self.batch.rows)
+            return sum(not job.closed for job in self._waiting), len(self.engine.rows)
 
     def _run(self) -> None:
         while (groups := self._admit()) is not None:
             self._join(groups)
-            if not self.batch.rows:
+            if not self.engine.rows:
                 continue
             try:
-                self._step()
+                self.step()
             except Exception as e:  # noqa: BLE001 - cannot tell whose row failed: all of them
-                for job in {row.job for row in self.batch.rows}:
+                for job in {row.job for row in self.engine.rows}:
                     job.fail(internal_error(e))
-                self.batch.clear()
+                self.engine = Engine(self.model)
 
-    def _admit(self) -> list[list[Row]] | None:
+    def _admit(self) -> list[list[JobRow]] | None:
         """Rows of waiting jobs that fit in the batch, grouped by job; blocks while there is nothing
         to do, and gives None once closing with nothing left."""
         with self._cond:
-            while not self._waiting and not self.batch.rows:
+            while not self._waiting and not self.engine.rows:
                 if self._closing:
                     return None
                 self._cond.wait()
             groups = []
-            room = self.max_batch_size - len(self.batch.rows)
+            room = self.max_batch_size - len(self.engine.rows)
             while self._waiting and room > 0:
                 job = self._waiting[0]
                 if job.closed:  # timed out while waiting
@@ -436,7 +310,7 @@ class Scheduler:
                 groups.append(rows)
             return groups
 
-    def _join(self, groups: list[list[Row]]) -> None:
+    def _join(self, groups: list[list[JobRow]]) -> None:
         """Prefill newly admitted rows and add them to the batch: all in one pass (the weights are read
         once) unless left padding would more than double the work; one pass per job if that fails,
         so that only the job that fails gets the 500."""
@@ -444,36 +318,31 @@ class Scheduler:
         lengths = [len(row.ids) for row in rows]
         if len(groups) > 1 and len(rows) * max(lengths) <= 2 * sum(lengths):
             try:
-                self.batch.add(rows)
+                self.engine.add(rows)
                 return
             except Exception:  # noqa: BLE001, S110 - retried job by job below
                 pass
         for group in groups:
             try:
-                self.batch.add(group)
+                self.engine.add(group)
             except Exception as e:  # noqa: BLE001 - this job fails, the others go on
                 group[0].job.fail(internal_error(e))
 
-    def _step(self) -> None:
-        """One token for every row: choose from the logits, settle finished rows, feed the rest."""
-        batch, eos = self.batch, self.model.config.eos_token_id
-        chosen: dict[int, int] = {}  # batch index -> token to feed back
-        for i, row in enumerate(batch.rows):
+    def step(self) -> None:
+        """One token for every row of the batch: choose, settle the rows that finished (their job
+        answers once all its rows have), feed the rest. Called by the worker thread only."""
+        engine = self.engine
+        for row in engine.rows:
             if row.job.closed:  # failed or timed out: its rows leave the batch
-                continue
-            try:
-                token = row.choose(batch.state.logits[i], eos)
-            except Exception as e:  # noqa: BLE001 - this job fails, the others go on
-                row.job.fail(internal_error(e))
-                continue
-            if token is None:
+                row.finish()
+        for row, token in engine.choose():
+            if row.text.add(token):  # a stop string
+                row.finish()
+        for row in engine.rows:
+            if row.done and not row.settled and not row.job.closed:
+                row.settled = True
                 row.job.row_finished()
-            else:
-                chosen[i] = token
-        keep = [i for i in chosen if not batch.rows[i].job.closed]
-        batch.keep(keep)
-        if batch.rows:
-            batch.forward(np.array([chosen[i] for i in keep], dtype=np.intp))
+        engine.forward()
 
 
 # ---------------------------------------------------------------------------------------- HTTP
@@ -779,7 +648,7 @@ def serve_until_signalled(server: ScoringServer) -> None:
 
 def main(argv=None) -> int:
     """`gpt2np serve [flags]`: the exit status (0 after a graceful stop)."""
-    from .model import GPT2
+    from .api import GPT2
 
     try:
         args = parse_args(argv)

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 from gpt2np import GPT2, GPT2Config, Tokenizer  # noqa: E402
 from gpt2np.checkpoint import random_state_dict, save_checkpoint  # noqa: E402
-from gpt2np.generation import Decoder, GenerationOptions, row_generators  # noqa: E402
+from gpt2np.engine import Engine, Row  # noqa: E402
+from gpt2np.sampling import GenerationOptions  # noqa: E402
 
 ROWS: list[tuple[str, str, str, str, str]] = []  # (what, gpt2np, reference, ratio, floor)
 
@@ -174,12 +175,15 @@ def ours_decode(model, batch, prompt_len, new_tokens):
 def ours_step_rate(model, position, steps=32):
     """Tokens/s of decoding steps after a prompt of `position` tokens (prefill excluded)."""
     prompt = [(7 * i) % 50000 + 1 for i in range(position)]
-    decoder = Decoder(model, [prompt], [GenerationOptions(do_sample=False, max_new_tokens=steps + 1, ignore_eos=True)],
-                      row_generators(0, 1))  # fmt: skip
-    it = iter(decoder)
-    next(it)  # prefill + first token
+    options = GenerationOptions(do_sample=False, max_new_tokens=steps + 1, ignore_eos=True)
+    engine = Engine(model)
+    engine.add([Row(prompt, options, None, model.config.vocab_size)])  # prefill
+    engine.choose()  # the first token
     t = time.perf_counter()
-    n = sum(1 for _ in it)
+    n = 0
+    while engine.rows:
+        engine.forward()
+        n += len(engine.choose())
     return n / (time.perf_counter() - t)
 
 

@@ -8,17 +8,20 @@ from hypothesis import strategies as st
 
 from checkpoints import hf_reference, write_checkpoint
 from gpt2np import GPT2, GPT2Config, Tokenizer
-from gpt2np.generation import (
-    Decoder,
-    GenerationOptions,
-    draw,
-    RowText,
-    next_token,
-    row_generators,
-    top_k_keep,
-    top_p_keep,
-    warp,
-)
+from gpt2np.engine import Engine, Row
+from gpt2np.generation import RowText
+from gpt2np.sampling import GenerationOptions, draw, next_token, row_generators, top_k_keep, top_p_keep, warp
+
+def decode(model, prompts, options, rngs):
+    """The engine over rows with options of their own: yields, after each choice, the engine, and
+    {prompt index: token} for the rows that produced one (before the step that feeds them)."""
+    rows = [Row(p, o, r, model.config.vocab_size) for p, o, r in zip(prompts, options, rngs)]
+    engine = Engine(model)
+    engine.add(rows)
+    while engine.rows:
+        yield engine, {rows.index(row): token for row, token in engine.choose()}
+        engine.forward()
+
 
 PROMPTS = ["I believe the meaning of life is", "Hello", "The quick brown fox jumps over the lazy dog because it"]
 
@@ -117,7 +120,7 @@ def test_repetition_penalty_matches_transformers():
     expected = RepetitionPenaltyLogitsProcessor(1.3)(torch.tensor(history)[None], torch.tensor(logits.copy())[None])[0]
     seen = np.zeros(1000, bool)
     seen[history] = True
-    from gpt2np.generation import apply_repetition_penalty
+    from gpt2np.sampling import apply_repetition_penalty
 
     np.testing.assert_allclose(apply_repetition_penalty(logits.copy(), seen, 1.3), expected.numpy(), rtol=1e-6)
 
@@ -204,12 +207,12 @@ def test_cached_decoding_equals_full_forward_every_step(small):
     """The logits each token was chosen from equal a full forward pass over prompt + output so far."""
     prompts = [[5, 6, 7, 8, 9, 10, 11], [300, 301], [1000, 2000, 3000, 4000]]
     options = [GenerationOptions(do_sample=False, max_new_tokens=12, ignore_eos=True)] * 3
-    decoder = Decoder(small, prompts, options, row_generators(0, 3))
     seqs = [list(p) for p in prompts]
-    for step in decoder:
-        for i, row in enumerate(decoder.rows):
+    for engine, step in decode(small, prompts, options, row_generators(0, 3)):
+        for i, live in enumerate(engine.rows):
+            row = prompts.index(live.ids)  # the prompts differ: each names its row
             full = small(np.array(seqs[row]))[-1]
-            error = np.abs(decoder.logits[i] - full).max() / np.abs(full).max()
+            error = np.abs(engine.logits[i] - full).max() / np.abs(full).max()
             assert error <= 1e-5, f"row {row} at length {len(seqs[row])}: {error:.2e}"
         for row, token in step.items():
             seqs[row].append(token)
@@ -221,13 +224,12 @@ def test_ragged_batch_rows_equal_rows_alone(small):
     prompts = [[5] * 9, [17, 18], [400, 500, 600, 700], [9999]]
     options = [GenerationOptions(do_sample=False, max_new_tokens=n, ignore_eos=True) for n in (3, 15, 7, 11)]
     outs = [[] for _ in prompts]
-    decoder = Decoder(small, prompts, options, row_generators(0, 4))
-    for step in decoder:
+    for _, step in decode(small, prompts, options, row_generators(0, 4)):
         for row, token in step.items():
             outs[row].append(token)
     for p, o, got in zip(prompts, options, outs):
         alone = [[]]
-        for step in Decoder(small, [p], [o], row_generators(0, 1)):
+        for _, step in decode(small, [p], [o], row_generators(0, 1)):
             alone[0].append(step[0])
         assert got == alone[0] and len(got) == o.max_new_tokens
 
@@ -355,7 +357,7 @@ def test_stream_holds_back_split_characters(small):
         (dict(stop=5), TypeError, "stop"),
         (dict(seed=-1), ValueError, "seed"),
         (dict(return_full_text=None), TypeError, "return_full_text"),
-        (dict(max_new_tokens=200), ValueError, r"prompt of 1 tokens \+ max_new_tokens=200 exceeds the context of 128"),
+        (dict(max_new_tokens=200), ValueError, r"prompt is 1 token and max_new_tokens is 200, more than the model's 128-token"),
     ],
 )
 def test_bad_arguments(small, kwargs, error, message):
@@ -386,7 +388,7 @@ def test_temperature_zero_is_fine_when_greedy(small):
 
 def test_row_sampler_counts_marks_seen_and_ends():
     """RowSampler: one next_token per call, counted and marked seen; EOS ends the row uncounted."""
-    from gpt2np.generation import RowSampler
+    from gpt2np.sampling import RowSampler
 
     V, eos = 20, 19
     options = GenerationOptions(max_new_tokens=3, temperature=0.9, repetition_penalty=1.3)
@@ -413,7 +415,7 @@ def test_row_sampler_counts_marks_seen_and_ends():
 
 
 def test_copy_rows_is_the_fancy_index():
-    from gpt2np.generation import copy_rows
+    from gpt2np.engine import copy_rows
 
     cache = np.random.default_rng(0).standard_normal((2, 2, 5, 3, 7, 4)).astype(np.float32)
     rows = np.array([4, 0, 2])
@@ -432,12 +434,12 @@ def test_ragged_sampled_batch_with_penalty_rows_equal_rows_alone(small):
                GenerationOptions(max_new_tokens=8, do_sample=False, repetition_penalty=2.0, ignore_eos=True),
                GenerationOptions(max_new_tokens=11, repetition_penalty=0.7, top_p=0.9)]  # fmt: skip
     outs = [[] for _ in prompts]
-    for step in Decoder(small, prompts, options, row_generators(3, 4)):
+    for _, step in decode(small, prompts, options, row_generators(3, 4)):
         for row, token in step.items():
             outs[row].append(token)
     assert len({len(o) for o in outs}) > 1  # the rows did leave at different steps
     for r, (p, o) in enumerate(zip(prompts, options)):
         alone = []
-        for step in Decoder(small, [p], [o], [row_generators(3, 4)[r]]):
+        for _, step in decode(small, [p], [o], [row_generators(3, 4)[r]]):
             alone.append(step[0])
         assert outs[r] == alone

@@ -326,10 +326,11 @@ def test_sixteen_concurrent_clients_with_mixed_params(server, model):
 
 
 def test_rows_joining_and_leaving_mid_decoding_match_the_library(model):
-    """The batch itself, in process: rows join while others decode (with longer and shorter
+    """The scheduler's step, in process: rows join while others decode (with longer and shorter
     histories, so the cache widens and pads) and leave at different steps."""
-    from gpt2np.generation import GenerationOptions, prepare_prompts
-    from gpt2np.server import Batch, Job
+    from gpt2np.generation import prepare_prompts
+    from gpt2np.sampling import GenerationOptions
+    from gpt2np.server import Job, Scheduler
 
     cases = [  # (step at which it joins, prompt, options, seed)
         (0, "A short one", GenerationOptions(max_new_tokens=12, do_sample=False, ignore_eos=True), None),
@@ -339,22 +340,15 @@ def test_rows_joining_and_leaving_mid_decoding_match_the_library(model):
         (5, "Late", GenerationOptions(max_new_tokens=4, do_sample=False, repetition_penalty=1.5, ignore_eos=True), None),
     ]  # fmt: skip
     jobs = [Job([p], prepare_prompts(model.tokenizer, [p], bos=50256), o, seed, False, model) for _, p, o, seed in cases]
-    batch = Batch(model)
+    scheduler = Scheduler(model, max_batch_size=16, max_queue=4)  # not started: this test is its worker
     with one_blas_thread():
         for step in range(20):
             for (joins, *_), job in zip(cases, jobs):
                 if joins == step:
-                    batch.add(job.rows)
-            chosen = {i: row.choose(batch.state.logits[i], model.config.eos_token_id) for i, row in enumerate(batch.rows)}
-            for i, token in chosen.items():
-                if token is None:
-                    batch.rows[i].job.row_finished()
-            keep = [i for i, token in chosen.items() if token is not None]
-            tokens = [chosen[i] for i in keep]
-            batch.keep(keep)
-            if batch.rows:
-                batch.forward(np.array(tokens))
-        assert not batch.rows and all(job.closed for job in jobs)
+                    scheduler.engine.add(job.rows)
+            if scheduler.engine.rows:
+                scheduler.step()
+        assert not scheduler.engine.rows and all(job.closed for job in jobs)
         for (_, prompt, o, seed), job in zip(cases, jobs):
             expected = model.generate(prompt, max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
                                       temperature=o.temperature, top_k=o.top_k, repetition_penalty=o.repetition_penalty,
@@ -362,66 +356,98 @@ def test_rows_joining_and_leaving_mid_decoding_match_the_library(model):
             assert job.texts == [expected], prompt
 
 
-
-def test_keeping_rows_lays_out_their_cache_columns(model):
-    """keep() copies the kept rows' used columns, in the order asked, right-aligned at `end`, with
-    room for the tokens still to come; every copied column is finite (prefill writes them all)."""
-    from gpt2np.generation import GenerationOptions, prepare_prompts
-    from gpt2np.server import Batch, Job
+def test_leaving_rows_lay_out_their_cache_columns(model):
+    """Rows that leave make the engine copy the kept rows' used columns, in order, right-aligned at
+    `end`, with room for the tokens still to come; every copied column is finite (prefill writes
+    them all, padding columns stay zeros)."""
+    from gpt2np.engine import Engine
+    from gpt2np.generation import prepare_prompts
+    from gpt2np.sampling import GenerationOptions
+    from gpt2np.server import Job
 
     prompts = ["One", "A longer prompt than the first", "Mid length one", "x"]
     o = GenerationOptions(max_new_tokens=5, do_sample=False, ignore_eos=True)
     job = Job(prompts, prepare_prompts(model.tokenizer, prompts, bos=50256), o, None, False, model)
-    batch = Batch(model)
-    batch.add(job.rows)
-    tokens = [row.choose(batch.state.logits[i], model.config.eos_token_id) for i, row in enumerate(batch.rows)]
-    batch.forward(np.array(tokens))
-    before, end = batch.state, batch.end
-    keep = [3, 0, 2]  # reordered, not contiguous, and without the longest row: the layout narrows
-    batch.keep(keep)
-    after = batch.state
-    lead = int(np.argmax(before.key_valid[keep, :end].any(axis=0)))
+    engine = Engine(model)
+    engine.add(job.rows)
+    engine.choose()
+    engine.forward()
+    before, end = engine.state, engine.end
+    keep = [0, 2, 3]  # not contiguous, and without the longest row: the layout narrows
+    for i, row in enumerate(engine.rows):
+        if i not in keep:
+            row.finish()
+    engine.choose()
+    engine.forward()  # lays out the kept rows, then writes their tokens at the new `end`
+    after = engine.state
+    lead = int(np.argmax(before.valid[keep, :end].any(axis=0)))
     w = end - lead
-    assert batch.end == w and [r.ids for r in after.rows] == [before.rows[i].ids for i in keep]
+    assert engine.end == w + 1 and [r.ids for r in after.rows] == [before.rows[i].ids for i in keep]
     np.testing.assert_array_equal(after.cache[:, :, :, :, :w], before.cache[:, :, keep, :, lead:end])
-    np.testing.assert_array_equal(after.key_valid[:, :w], before.key_valid[keep, lead:end])
+    np.testing.assert_array_equal(after.valid[:, :w], before.valid[keep, lead:end])
     assert np.isfinite(after.cache[:, :, :, :, :w]).all()  # padding too: masked weights are zeros, 0 * NaN is not
-    assert after.key_valid.shape[1] >= w + o.max_new_tokens - 1  # room for the tokens still to come
+    assert after.valid.shape[1] >= w + o.max_new_tokens - 2  # room for the tokens still to come
+
 
 # ---------------------------------------------------------------------------------------- limits and failures
 @pytest.fixture(scope="module")
-def small_vocab_server(tmp_path_factory):
-    """A model whose 1000-token vocabulary is smaller than the tokenizer's: prompts with ids past 999
-    fail inside the model (an internal error); "!" (id 0) works. One row at a time, one waiting request."""
-    config = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=256, vocab_size=1000)
-    folder = checkpoint(tmp_path_factory.mktemp("small-vocab"), config)
+def one_row_server(tmp_path_factory):
+    """One row at a time, one waiting request, a 1 s timeout; a context of 256 for long requests."""
+    folder = checkpoint(tmp_path_factory.mktemp("one-row"), GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=256))
     server = Server(folder, tmp_path_factory.mktemp("log") / "server.log",
                     "--max-batch-size", "1", "--max-queue", "1", "--timeout", "1")  # fmt: skip
     yield server
     server.stop()
 
 
-def test_internal_failure_is_500_and_the_server_goes_on(small_vocab_server):
-    ok = {"input_data": ["!"], "params": {"do_sample": False, "max_new_tokens": 3}}
-    status, answer = small_vocab_server.score({"input_data": ["Hello world"], "params": {"max_new_tokens": 3}})
-    assert status == 500 and "internal error" in answer["error"]
-    assert "IndexError" in small_vocab_server.log_when(lambda text: "IndexError" in text)  # in the log, not the answer
-    assert small_vocab_server.score(ok)[0] == 200
+def test_internal_failure_is_500_and_the_server_goes_on(model, monkeypatch):
+    """In process, with a failure planted in the engine for one prompt: its request gets a 500 that
+    names only the error's type, the log has the details, and the server goes on serving."""
+    from gpt2np import engine
+    from gpt2np.server import ScoringServer
+
+    planted = model.tokenizer.encode("Hello world")
+    real_add = engine.Engine.add
+
+    def add(self, rows):
+        if any(row.ids == planted for row in rows):
+            raise IndexError("a planted failure")
+        return real_add(self, rows)
+
+    monkeypatch.setattr(engine.Engine, "add", add)
+    log = io.StringIO()
+    server = ScoringServer(("127.0.0.1", 0), model, model_name="tiny", log=log)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        def post(body):
+            connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
+            connection.request("POST", "/score", json.dumps(body), JSON)
+            response = connection.getresponse()
+            answer = (response.status, json.loads(response.read()))
+            connection.close()
+            return answer
+
+        status, answer = post({"input_data": ["Hello world"], "params": {"max_new_tokens": 3}})
+        assert status == 500 and "internal error (IndexError)" in answer["error"] and "planted" not in answer["error"]
+        wait_for(lambda: "a planted failure" in log.getvalue(), what="the error in the log")
+        assert post({"input_data": ["!"], "params": {"do_sample": False, "max_new_tokens": 3}})[0] == 200
+    finally:
+        server.stop_gracefully()
 
 
-def test_full_queue_is_503_and_slow_request_is_504(small_vocab_server):
+def test_full_queue_is_503_and_slow_request_is_504(one_row_server):
     # 64 rows of 250 tokens, one row at a time: far longer than the 1 s timeout. While its rows
     # wait their turn, the job holds the one place in the queue.
     slow = {"input_data": ["!"] * 64, "params": {"do_sample": False, "max_new_tokens": 250, "ignore_eos": True}}
     with ThreadPoolExecutor(max_workers=1) as pool:
-        slow_answer = pool.submit(small_vocab_server.score, slow)
-        small_vocab_server.wait_until(lambda h: h["queue_depth"] == 1 and h["batch_rows"] == 1)
-        status, headers, body = small_vocab_server.request("POST", "/score", b'{"input_data": ["!"]}', JSON)
+        slow_answer = pool.submit(one_row_server.score, slow)
+        one_row_server.wait_until(lambda h: h["queue_depth"] == 1 and h["batch_rows"] == 1)
+        status, headers, body = one_row_server.request("POST", "/score", b'{"input_data": ["!"]}', JSON)
         assert status == 503 and headers["Retry-After"] == "1" and "queue" in json.loads(body)["error"]
         status, answer = slow_answer.result(timeout=30)
     assert status == 504 and "--timeout" in answer["error"]
-    small_vocab_server.wait_until(lambda h: h["queue_depth"] == 0 and h["batch_rows"] == 0)  # its rows were dropped
-    assert small_vocab_server.score({"input_data": ["!"], "params": {"max_new_tokens": 2}})[0] == 200
+    one_row_server.wait_until(lambda h: h["queue_depth"] == 0 and h["batch_rows"] == 0)  # its rows were dropped
+    assert one_row_server.score({"input_data": ["!"], "params": {"max_new_tokens": 2}})[0] == 200
 
 
 # ---------------------------------------------------------------------------------------- shutdown

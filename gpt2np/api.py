@@ -1,0 +1,160 @@
+"""The public `GPT2` class: a checkpoint loaded and ready to score and generate.
+
+    model = GPT2.from_pretrained("gpt2")          # a hub name, or a checkpoint folder
+    logits = model(ids)                           # [T] -> [T, V]
+    text = model.generate("Hello", seed=0)        # str -> str, list -> list
+
+The math is gpt2np.model's (its textbook twin: gpt2np.reference); decoding and scoring run on
+gpt2np.engine; options are gpt2np.sampling's `GenerationOptions`.
+"""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+
+import numpy as np
+
+from . import engine
+from .checkpoint import CONFIG_NAME, load_state_dict, random_state_dict, unflatten
+from .config import GPT2Config
+from .generation import check_prompts, generate_ids, generate_text, stream_text
+from .sampling import GenerationOptions, row_generators
+from .tokenizer import Tokenizer
+
+
+class GPT2:
+    """A GPT-2 checkpoint ready to run: `model(ids)` gives logits, `model.generate(...)` text.
+
+    Load one with `GPT2.from_pretrained("gpt2")` (a hub name, downloaded once into the hub's cache)
+    or `GPT2.from_pretrained("path/to/folder")` (a folder with config.json + model.safetensors).
+    """
+
+    def __init__(self, config, params, tokenizer=None, *, name=None):
+        self.config = config
+        self.params = params  # nested dict of float32 arrays, keyed by the checkpoint's names
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer()
+        self.name = name
+
+    @classmethod
+    def from_pretrained(cls, name_or_path, *, revision="main", cache_dir=None, token=None, offline=None,
+                        progress=True) -> "GPT2":  # fmt: skip
+        """Load a checkpoint folder, or a hub repo (`gpt2`, `openai-community/gpt2-medium`, ...).
+
+        A folder is used as it is. Otherwise the name is a hub repo id (short names `gpt2`,
+        `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2` are mapped to their repos), fetched
+        into the HuggingFace cache unless already there; see `gpt2np.hub.snapshot_download`.
+        """
+        folder = Path(name_or_path)
+        if not folder.is_dir():
+            text = str(name_or_path)
+            if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
+                raise ValueError(f"no checkpoint folder at {text!r}: pass an existing folder or a hub repo id like 'gpt2'")
+            from .hub import snapshot_download
+
+            folder = snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
+                                       offline=offline, progress=progress)  # fmt: skip
+        if not (folder / CONFIG_NAME).is_file():
+            raise ValueError(f"no {CONFIG_NAME} in {folder}: a checkpoint folder holds config.json and model.safetensors")
+        config = GPT2Config.from_json_file(folder / CONFIG_NAME)
+        params = unflatten(load_state_dict(folder, config))
+        vocab, merges = folder / "vocab.json", folder / "merges.txt"
+        tokenizer = Tokenizer.from_files(vocab, merges) if vocab.is_file() and merges.is_file() else Tokenizer()
+        return cls(config, params, tokenizer, name=str(name_or_path))
+
+    @classmethod
+    def from_random(cls, config, *, seed=0, std=0.02) -> "GPT2":
+        """A randomly initialised model of the given config (for tests and benchmarks)."""
+        return cls(config, unflatten(random_state_dict(config, seed=seed, std=std)), name="random")
+
+    @property
+    def lm_head_weight(self):  # [V, C]
+        return self.params["wte"]["weight"] if self.config.tie_word_embeddings else self.params["lm_head"]["weight"]
+
+    def check_ids(self, ids) -> np.ndarray:
+        """Token ids as an int array [T] or [B, T], or a ValueError that says what is wrong."""
+        try:
+            ids = np.asarray(ids)
+        except ValueError as e:  # ragged nested lists
+            raise ValueError(f"ids must be a rectangular [T] or [B, T] array of token ids ({e}); pad ragged rows or use generate_ids") from None
+        if ids.dtype == bool or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
+            raise ValueError(f"ids must be integer token ids, got dtype {ids.dtype}")
+        if ids.ndim not in (1, 2) or ids.shape[-1] == 0 or ids.size == 0:
+            raise ValueError(f"ids must have shape [T] or [B, T] with T >= 1, got shape {ids.shape}")
+        if ids.shape[-1] > self.config.n_ctx:
+            raise ValueError(f"sequence of {ids.shape[-1]} tokens is longer than the context ({self.config.n_ctx} tokens)")
+        V = self.config.vocab_size
+        if ids.min() < 0 or ids.max() >= V:
+            bad = ids[(ids < 0) | (ids >= V)]
+            raise ValueError(f"token id {int(bad[0])} is outside the vocabulary [0, {V})")
+        return ids.astype(np.intp, copy=False)
+
+    def __call__(self, ids) -> np.ndarray:  # [T] -> [T, V]  or  [B, T] -> [B, T, V]
+        """Logits for every position of `ids` (float32)."""
+        ids = self.check_ids(ids)
+        logits = engine.logits(self, ids if ids.ndim == 2 else ids[None])  # [B, T, V]
+        return logits if ids.ndim == 2 else logits[0]
+
+    def __repr__(self) -> str:
+        c = self.config
+        return f"GPT2({self.name!r}, n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, n_ctx={c.n_ctx})"
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, prompt_or_prompts, *, max_new_tokens=50, do_sample=True, temperature=0.8, top_p=1.0,
+                 top_k=None, repetition_penalty=1.0, return_full_text=True, stop=None, seed=None,
+                 ignore_eos=False):  # fmt: skip
+        """Continue a prompt (str -> str) or several (list -> list, same order).
+
+        Defaults mirror the GPT-2 model card's endpoint: sampling at temperature 0.8, top_p 1.0.
+        `top_k` is off unless given (transformers silently uses 50 when sampling).
+        `do_sample=False` is greedy and ignores temperature / top_k / top_p. A row ends at EOS,
+        after `max_new_tokens`, or at the first of the `stop` strings (cut from the text).
+        `return_full_text=True` returns the prompt verbatim followed by the continuation.
+        `seed` makes the call reproducible; row i of a batch draws from the seed's i-th child, so
+        a prompt gives the same text alone or in a batch. An empty prompt is conditioned on
+        <|endoftext|>.
+        """
+
+        prompts, single = check_prompts(prompt_or_prompts)
+        _check_bool("return_full_text", return_full_text)
+        options = GenerationOptions.make(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                         top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
+                                         ignore_eos=ignore_eos)  # fmt: skip
+        texts = generate_text(self, prompts, options, row_generators(seed, len(prompts)), return_full_text=return_full_text)
+        return texts[0] if single else texts
+
+    def generate_ids(self, prompts, *, max_new_tokens=50, do_sample=True, temperature=0.8, top_p=1.0, top_k=None,
+                     repetition_penalty=1.0, stop=None, seed=None, ignore_eos=False) -> list[list[int]]:  # fmt: skip
+        """Like `generate`, on token ids: a list of id lists in, the new ids of each out (EOS not included;
+        with `stop`, up to and including the token that completed the stop string)."""
+
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise TypeError("generate_ids takes a non-empty list of token-id lists, e.g. [[464, 3290]]")
+        if all(isinstance(p, numbers.Integral) for p in prompts):
+            raise TypeError("generate_ids takes a list of token-id lists: wrap a single prompt as [ids]")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, (list, tuple, np.ndarray)) or len(p) == 0:
+                raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {p!r}")
+        options = GenerationOptions.make(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                         top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
+                                         ignore_eos=ignore_eos)  # fmt: skip
+        return generate_ids(self, [[int(t) for t in p] for p in prompts], options, row_generators(seed, len(prompts)))
+
+    def stream(self, prompt, *, max_new_tokens=50, do_sample=True, temperature=0.8, top_p=1.0, top_k=None,
+               repetition_penalty=1.0, return_full_text=True, stop=None, seed=None, ignore_eos=False):  # fmt: skip
+        """Yield the text of `generate(prompt, ...)` in pieces as it is decided (same options).
+        A character split across tokens is held back until complete; so is text that a stop string
+        could still remove. The pieces join to exactly what `generate` returns for the same seed."""
+
+        if not isinstance(prompt, str):
+            raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}")
+        _check_bool("return_full_text", return_full_text)
+        options = GenerationOptions.make(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                         top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
+                                         ignore_eos=ignore_eos)  # fmt: skip
+        return stream_text(self, prompt, options, row_generators(seed, 1)[0], return_full_text=return_full_text)
+
+
+def _check_bool(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")

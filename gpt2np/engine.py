@@ -1,0 +1,309 @@
+"""The engine: the one place that lays out a KV cache and runs the transformer with it.
+
+Everything in gpt2np that produces or scores tokens is a loop over this module:
+
+- `GPT2.generate`, `generate_ids` and `stream` (gpt2np.generation) add their prompts to an
+  `Engine` and step it until every row is done;
+- the server's scheduler (gpt2np.server) adds the rows of arriving requests between two steps of
+  the same `Engine` and steps it for all of them (continuous batching, as TGI and vLLM do it);
+- scoring (gpt2np.evaluate) asks for the hidden states of whole sequences (`hidden_states`) or of
+  several continuations of one context run once into a cache (`continuation_states`).
+
+The continuous batch: `add(rows)` prefills the rows' prompts in one left-padded pass and lets them
+join; `choose()` picks one token for every live row from its logits; the caller may then `finish()`
+rows (a stop string, a client gone); `forward()` drops the rows that are done and feeds the others
+their token, one [B, 1] pass. A row ends at EOS, at its `max_new_tokens`, or when finished.
+
+The cache layout: one buffer [n_layer, 2, B, H, S, D] holds every layer's keys and values for B
+rows over S columns. Rows are right-aligned: every row's next token is written to the same column,
+`end`, so one step is one pass over [B, 1] tokens. A row with a shorter history has padding
+columns on its left; `valid` [B, S] says which columns hold real tokens and the attention mask
+hides the others. Positions count from each row's first real token, so padding changes nothing
+but float rounding. When rows join or leave, the kept columns are copied into a new, tight buffer
+with room for the tokens the rows may still feed back.
+
+Unwritten cache columns, the one rule: every buffer is allocated with np.zeros. A padding column
+that no pass wrote then holds zeros, and its masked attention weight, exactly 0, multiplies a 0
+(0 * uninitialised memory could be NaN). Columns at or past `end` are never read. np.zeros maps
+zero pages lazily, so the room reserved for tokens to come costs no memory until it is written.
+
+Shape letters as in gpt2np.model: B rows, T new positions, S cache columns, C channels, H heads,
+D head size, V vocabulary; b and w are the rows and columns of a part being laid out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .model import causal_mask, gpt2, lm_head
+from .sampling import GenerationOptions, RowSampler
+
+
+def check_fits(n_prompt: int, max_new_tokens: int, n_ctx: int, *, what: str = "the prompt",
+               limit: str = "max_new_tokens") -> None:  # fmt: skip
+    """The context rule, stated once: a prompt and the tokens generated after it must fit the
+    model's context. Raises a ValueError naming both numbers and the fix; `what` names the prompt
+    and `limit` the option as the caller's user spells them."""
+    tokens = f"{n_prompt} token{'s' if n_prompt != 1 else ''}"
+    if n_prompt >= n_ctx:
+        raise ValueError(f"{what} is {tokens}, which leaves no room to generate in the model's "
+                         f"{n_ctx}-token context; shorten it to at most {n_ctx - 1} tokens")  # fmt: skip
+    if n_prompt + max_new_tokens > n_ctx:
+        raise ValueError(f"{what} is {tokens} and {limit} is {max_new_tokens}, more than the model's "
+                         f"{n_ctx}-token context together; lower {limit} to {n_ctx - n_prompt} or shorten "
+                         "the prompt")  # fmt: skip
+
+
+def left_pad(prompts: Sequence[Sequence[int]]):  # B prompts -> [B, L] ids, [B, L] valid, [B, L] positions
+    """Prompts of different lengths as one batch, right-aligned so that every row's next token
+    goes in the same column: padding (id 0, any valid id would do) on the left, `valid` False
+    there, and positions counting from each row's first real token."""
+    lengths = np.array([len(p) for p in prompts])
+    L = int(lengths.max())
+    pad = L - lengths
+    ids = np.zeros((len(prompts), L), dtype=np.intp)
+    valid = np.arange(L)[None, :] >= pad[:, None]
+    for b, p in enumerate(prompts):
+        ids[b, pad[b] :] = p
+    positions = np.maximum(np.arange(L)[None, :] - pad[:, None], 0)
+    return ids, valid, positions
+
+
+def new_cache(config, rows: int, columns: int) -> np.ndarray:  # -> [n_layer, 2, B, H, S, D] zeros
+    """A KV cache for `rows` rows over `columns` columns (zeros: see the module's rule)."""
+    return np.zeros((config.n_layer, 2, rows, config.n_head, columns, config.head_size), dtype=np.float32)
+
+
+def copy_rows(out, cache, rows) -> None:  # [n_layer, 2, b, H, w, D] <- rows of [n_layer, 2, B, H, w, D]
+    """out[:, :, j] = cache[:, :, rows[j]], row by row: straight from one buffer into the other
+    (`cache[:, :, rows]` would first copy the rows into a temporary, then copy them again)."""
+    for j, i in enumerate(rows):
+        out[:, :, j] = cache[:, :, i]
+
+
+# ---------------------------------------------------------------------------------------- whole sequences
+def logits(model, ids) -> np.ndarray:  # [B, T] -> [B, T, V]
+    """Logits for every position of a batch of equal-length sequences, no cache."""
+    return lm_head(hidden_states(model, ids), model.lm_head_weight)
+
+
+def hidden_states(model, ids) -> np.ndarray:  # [B, L] -> [B, L, C]
+    """The trunk's output for every position, no cache. Rows may be right-padded: attention is
+    causal, so a real position never sees the padding after it."""
+    B, L = ids.shape
+    positions = np.broadcast_to(np.arange(L), (B, L))
+    mask = causal_mask(np.ones((B, L), dtype=bool), 0, L)
+    return gpt2(ids, positions, model.params, model.config, mask=mask)
+
+
+def continuation_states(model, context: Sequence[int], targets: Sequence[Sequence[int]], *,
+                        batch_size: int) -> Iterator[tuple[int, list[np.ndarray]]]:  # fmt: skip
+    """The hidden states that predict each target's tokens after a shared context, the context run
+    once: per batch of targets, (how many, [per target: [len(target), C]]).
+
+    The context goes through the model once into row 0 of a cache; its keys and values are copied
+    into `batch_size` rows, and each batch of targets runs from the context's end, right-padded
+    (causality hides the padding), overwriting only the columns after the context. Every target
+    must fit after the whole context in the model's window.
+    """
+    config = model.config
+    P = len(context)
+    S = P + max(len(t) for t in targets) - 1  # a target's last token is predicted, never read
+    rows = min(batch_size, len(targets))
+    cache = new_cache(config, rows, S)
+    x = gpt2(np.asarray(context, dtype=np.intp)[None], np.arange(P)[None], model.params, config,
+             mask=causal_mask(np.ones((1, P), dtype=bool), 0, P), kv_cache=cache[:, :, :1], start=0)  # fmt: skip
+    last = x[0, -1]  # [C]: predicts every target's first token
+    cache[:, :, 1:, :, :P] = cache[:, :, :1, :, :P]  # the context's keys and values in every row
+    for s in range(0, len(targets), rows):
+        batch = [np.asarray(t, dtype=np.intp) for t in targets[s : s + rows]]
+        B, T = len(batch), max(len(t) for t in batch) - 1  # each target but its last token is read
+        if T > 0:
+            tokens = np.zeros((B, T), dtype=np.intp)  # right padding: causality hides it
+            for b, t in enumerate(batch):
+                tokens[b, : len(t) - 1] = t[:-1]
+            positions = np.broadcast_to(np.arange(P, P + T), (B, T))
+            mask = causal_mask(np.ones((B, P + T), dtype=bool), P, T)
+            y = gpt2(tokens, positions, model.params, config, mask=mask, kv_cache=cache[:, :, :B], start=P)
+        yield B, [np.concatenate([last[None], y[b, : len(t) - 1]]) if len(t) > 1 else last[None]
+                  for b, t in enumerate(batch)]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------- the batch
+class Row:
+    """One sequence being decoded: its prompt ids, its sampler (options, random generator, tokens
+    chosen) and whether the caller has finished it. Callers subclass it to carry their own state
+    (the text so far, the request it belongs to)."""
+
+    def __init__(self, ids: Sequence[int], options: GenerationOptions, rng: np.random.Generator, vocab_size: int):
+        self.ids = list(ids)
+        self.sampler = RowSampler(self.ids, options, rng, vocab_size)
+        self.finished = False  # set by finish(): the row leaves at the next forward()
+        self.token: int | None = None  # the token chosen at the last step, fed at the next
+
+    @property
+    def options(self) -> GenerationOptions:
+        return self.sampler.options
+
+    @property
+    def n_new(self) -> int:
+        return self.sampler.n_new
+
+    @property
+    def done(self) -> bool:
+        """No more tokens: EOS drawn, max_new_tokens reached, or finished."""
+        return self.finished or self.sampler.done
+
+    def finish(self) -> None:
+        self.finished = True
+
+
+@dataclass
+class _Part:
+    """Rows and their decoding state, to be laid out into a batch: a cache over w columns in which
+    the rows' tokens are right-aligned, which columns hold real tokens, each row's next position and
+    its logits for the next token."""
+
+    rows: list[Row]
+    cache: np.ndarray  # [n_layer, 2, B, H, w, D], of which rows `cache_rows` are these rows
+    cache_rows: np.ndarray  # [b]
+    valid: np.ndarray  # [b, w]
+    positions: np.ndarray  # [b]
+    logits: np.ndarray  # [b, V]
+
+
+class Engine:
+    """A continuous batch of rows over one model and one KV cache (see the module's docstring).
+
+    `add` rows at any step, `choose` a token for every live row, `finish` rows if need be,
+    `forward` one step; `rows` is empty when every row is done.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self.eos = model.config.eos_token_id
+        # Ids the model may have (a padded vocabulary) but the tokenizer cannot decode are never chosen.
+        self.n_choosable = min(model.config.vocab_size, model.tokenizer.n_vocab)
+        self._clear()
+
+    def _clear(self) -> None:
+        self.state: _Part | None = None
+        self.end = 0  # the column every row's next token is written to
+
+    @property
+    def rows(self) -> list[Row]:
+        return [] if self.state is None else self.state.rows
+
+    @property
+    def logits(self) -> np.ndarray:  # [B, V]
+        """Each row's logits for its next token, row i for `rows[i]`; `choose` processes them in
+        place (read them before it)."""
+        return self.state.logits
+
+    def check(self, row: Row) -> None:
+        """A ValueError unless the row's prompt is valid ids that fit the context with its max_new_tokens."""
+        config, ids = self.model.config, row.ids
+        if not ids:
+            raise ValueError("a prompt must have at least one token")
+        if min(ids) < 0 or max(ids) >= config.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {config.vocab_size}), got {min(ids)}..{max(ids)}")
+        check_fits(len(ids), row.options.max_new_tokens, config.n_ctx)
+
+    def add(self, rows: Sequence[Row]) -> None:
+        """Prefill the prompts of `rows` in one left-padded pass and let them join the batch; their
+        logits for their first new token are ready for the next `choose`."""
+        for row in rows:
+            self.check(row)
+        if self.state is None:  # the rows are the whole batch: prefill straight into its buffer
+            self.state = self._prefill(list(rows), room=_room(rows, pending=False))
+            self.end = self.state.valid.shape[1] - _room(rows, pending=False)
+        else:
+            self._lay_out([self._used(range(len(self.rows))), self._prefill(list(rows), room=0)], pending=False)
+
+    def choose(self) -> list[tuple[Row, int]]:
+        """One token for every live row, chosen by its sampler from its logits: (row, token) for
+        each row that produced one. A row that drew EOS (not returned) or reached max_new_tokens is
+        done and leaves at the next `forward`."""
+        chosen = []
+        logits = self.state.logits if self.state is not None else None
+        for i, row in enumerate(self.rows):
+            if row.done:
+                continue
+            row.token = row.sampler.choose(logits[i, : self.n_choosable], self.eos)
+            if row.token is not None:
+                chosen.append((row, row.token))
+        return chosen
+
+    def forward(self) -> None:
+        """Drop the rows that are done; feed every other row the token it chose: one decoding step,
+        which refreshes every row's logits."""
+        keep = [i for i, row in enumerate(self.rows) if not row.done]
+        if len(keep) < len(self.rows):
+            if not keep:
+                self._clear()
+                return
+            self._lay_out([self._used(keep)], pending=True)
+        s, start = self.state, self.end
+        # Room: a layout leaves space for every token its rows may still feed (`_room`), and each
+        # forward feeds one token per row that chose one and is not done.
+        assert start < s.valid.shape[1], "no cache column left: forward() without choose()?"
+        tokens = np.array([row.token for row in s.rows], dtype=np.intp)[:, None]  # [B, 1]
+        s.valid[:, start] = True
+        valid = s.valid[:, : start + 1]
+        mask = None if valid.all() else causal_mask(valid, start, 1)  # padding to hide?
+        x = gpt2(tokens, s.positions[:, None], self.model.params, self.model.config, mask=mask,
+                 kv_cache=s.cache, start=start)  # [B, 1, C]  # fmt: skip
+        s.logits = lm_head(x[:, -1], self.model.lm_head_weight)  # [B, V]
+        s.positions += 1
+        self.end += 1
+
+    # -- layout
+    def _prefill(self, rows: list[Row], *, room: int) -> _Part:
+        """Run the prompts of `rows`, left-padded to the longest, into a cache of their own with
+        `room` columns more."""
+        model = self.model
+        ids, valid, positions = left_pad([r.ids for r in rows])  # [b, L] each
+        L = ids.shape[1]
+        cache = new_cache(model.config, len(rows), L + room)
+        x = gpt2(ids, positions, model.params, model.config, mask=causal_mask(valid, 0, L), kv_cache=cache, start=0)
+        logits = lm_head(x[:, -1], model.lm_head_weight)  # [b, V]: only the last position is needed
+        valid = np.concatenate([valid, np.zeros((len(rows), room), dtype=bool)], axis=1)
+        return _Part(rows, cache, np.arange(len(rows)), valid, positions[:, -1] + 1, logits)
+
+    def _used(self, indices) -> _Part:
+        """The rows at `indices`, cut to the columns they use (up to `end`); views, not copies."""
+        idx = np.asarray(indices, dtype=np.intp)
+        s = self.state
+        valid = s.valid[idx, : self.end]
+        lead = int(np.argmax(valid.any(axis=0)))  # the first column any of these rows uses
+        return _Part([s.rows[i] for i in idx], s.cache[:, :, :, :, lead : self.end], idx, valid[:, lead:],
+                     s.positions[idx], s.logits[idx])  # fmt: skip
+
+    def _lay_out(self, parts: list[_Part], *, pending: bool) -> None:
+        """A new cache holding every part's rows right-aligned at `end`, with room for the tokens
+        the rows may still feed back."""
+        width = max(p.valid.shape[1] for p in parts)
+        rows = [row for p in parts for row in p.rows]
+        room = _room(rows, pending=pending)
+        cache = new_cache(self.model.config, len(rows), width + room)
+        valid = np.zeros((len(rows), width + room), dtype=bool)
+        b = 0
+        for p in parts:
+            n, w = len(p.rows), p.valid.shape[1]
+            copy_rows(cache[:, :, b : b + n, :, width - w : width], p.cache, p.cache_rows)
+            valid[b : b + n, width - w : width] = p.valid[:, :w]
+            b += n
+        positions = np.concatenate([p.positions for p in parts])
+        logits = np.concatenate([p.logits for p in parts])
+        self.state = _Part(rows, cache, np.arange(len(rows)), valid, positions, logits)
+        self.end = width
+
+
+def _room(rows: Sequence[Row], *, pending: bool) -> int:
+    """Cache columns the rows may still need: a row that has chosen n_new of its max_new_tokens
+    chooses the rest, and feeds back all but the last; with `pending`, its last chosen token is
+    still to be fed too."""
+    return max(r.options.max_new_tokens - r.n_new - (0 if pending else 1) for r in rows)

@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gpt2np import Tokenizer
+from gpt2np.reference import bpe_merge
 from gpt2np.tokenizer import GPT2_PATTERN, bytes_to_unicode
 
 VOCAB = resources.files("gpt2np") / "vocab"
@@ -149,29 +150,10 @@ def test_large_real_text_matches_reference(reference, corpus):
     assert first is None, f"first difference at token {first}: {ours[first:first + 5]} vs {theirs[first:first + 5]}"
 
 
-def textbook_merge(symbols, ranks):
-    """The original quadratic BPE loop: merge every occurrence of the lowest-ranked pair, repeat."""
-    word = list(symbols)
-    while len(word) > 1:
-        best = min(zip(word, word[1:]), key=lambda p: ranks.get(p, float("inf")))
-        if best not in ranks:
-            break
-        merged, i = [], 0
-        while i < len(word):
-            if i + 1 < len(word) and (word[i], word[i + 1]) == best:
-                merged.append(word[i] + word[i + 1])
-                i += 2
-            else:
-                merged.append(word[i])
-                i += 1
-        word = merged
-    return word
-
-
 @settings(max_examples=300, deadline=None)
 @given(st.text(alphabet=st.sampled_from("aabeeilnorsst Ġ"), min_size=1, max_size=60))
 def test_heap_merge_equals_textbook_merge(tok, word):
-    assert tok._merge(list(word)) == textbook_merge(word, tok.bpe_ranks)
+    assert tok._merge(list(word)) == bpe_merge(word, tok.bpe_ranks)
 
 
 @settings(max_examples=400, deadline=None)

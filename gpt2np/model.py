@@ -18,6 +18,11 @@ Shape letters used in the comments:
     S positions attended to        D head size (C / H)
       (cached + new)
 
+Read gpt2np/reference.py first: the same model in its textbook form (GELU as the tanh formula,
+attention per head as softmax(q k^T / sqrt(D) + mask) v, one sequence, no cache). This module is
+the fast form of each step; tests/test_reference.py pins the two equal. Where a fast form hides
+the formula, the docstring names the reference function to read.
+
 Everything stays float32: NumPy keeps float32 when an array meets a Python float, and every
 constant below is applied to float32 arrays.
 """
@@ -43,7 +48,7 @@ def gelu(x):  # [..., F] -> [..., F]
     in-place ufuncs over one buffer instead of nine (measured 1.6x faster on the MLP's
     [1024, 3072] activation). For x below about -10, exp(-2u) overflows to inf and x / inf is
     -0.0, the correct limit; for large positive x it underflows to 0 and the result is x. Neither
-    is an error.
+    is an error. The formula as written: `reference.gelu`.
     """
     y = x * x  # x^2
     y *= _GELU_A * 0.044715
@@ -75,7 +80,8 @@ def linear(x, weight, bias):  # [..., in] @ [in, out] + [out] -> [..., out]
 
 
 def softmax(x):  # [..., S] -> [..., S]
-    """Softmax over the last axis, in place (x is a scratch array of attention scores)."""
+    """Softmax over the last axis, in place (x is a scratch array of attention scores); `reference.softmax`
+    is the same without the in-place steps."""
     x -= x.max(axis=-1, keepdims=True)  # exp of a non-positive number cannot overflow
     np.exp(x, out=x)
     x /= x.sum(axis=-1, keepdims=True)
@@ -100,7 +106,8 @@ def causal_attention(q, k, v, mask, *, start=0, block=128):  # [B, H, T, D], [B,
     The same numbers as one call, faster: a query never sees a later key, so the block of queries
     i..e needs only the keys up to start+e. Over a 1024-token prompt that skips the upper triangle
     of the score matrix (half the products, half the softmax) and keeps the scores block x S
-    instead of T x S, small enough to stay in cache: measured 2-3x faster per layer.
+    instead of T x S, small enough to stay in cache: measured 2-3x faster per layer. One head at a
+    time, with the mask added to the scores: `reference.attention`.
     """
     T = q.shape[2]
     if T <= block:
@@ -114,7 +121,7 @@ def causal_attention(q, k, v, mask, *, start=0, block=128):  # [B, H, T, D], [B,
 
 
 def mha(x, c_attn, c_proj, *, n_head, scale, mask, kv_cache=None, start=0):  # [B, T, C] -> [B, T, C]
-    """Masked multi-head self-attention, all heads in one matrix product.
+    """Masked multi-head self-attention, all heads in one matrix product (`reference.mha` loops over them).
 
     With a KV cache (`kv_cache` = the pair of this layer's key and value buffers [B, H, S_max, D]),
     the new keys and values are written into the buffers at positions start..start+T, and the

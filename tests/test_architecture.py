@@ -1,0 +1,106 @@
+"""The package's shape: no import cycle anywhere, and the math imports nothing but NumPy.
+
+Imports are read from the source with `ast`, those inside functions included (a lazy import is
+still a dependency), so a cycle hidden behind a function-level import fails here too.
+"""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "gpt2np"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(name: str) -> set[str]:
+    """The gpt2np modules that module `name` imports, at any depth of its code."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                base = f"{base}.{node.module}" if node.module else base
+            else:
+                base = node.module or ""
+            named = {f"{base}.{alias.name}" for alias in node.names} & MODULES.keys()  # `from . import engine`
+            found |= named if named and not node.module else {base} | named
+    return {m for m in found if m in MODULES and m != name}
+
+
+GRAPH = {name: imports_of(name) for name in MODULES}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """A list of modules that import each other in a circle, or None."""
+    state: dict[str, int] = {}  # 1 on the current path, 2 finished
+    path: list[str] = []
+
+    def visit(node):
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_the_package_has_no_import_cycle():
+    cycle = find_cycle(GRAPH)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_cycle_finder_finds_one():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+@pytest.mark.parametrize("name", ["gpt2np.model", "gpt2np.reference"])
+def test_the_math_imports_only_numpy_and_the_standard_library(name):
+    tree = ast.parse(MODULES[name].read_text())
+    top = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            top |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            top.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            top.add("gpt2np")
+    allowed = {"numpy", "__future__"} | set(sys.stdlib_module_names)
+    if name == "gpt2np.reference":
+        allowed |= {"regex", "gpt2np"}  # the split pattern and the byte alphabet, from gpt2np.tokenizer
+        assert GRAPH[name] <= {"gpt2np.tokenizer"}, GRAPH[name]
+    assert top <= allowed, f"{name} imports {sorted(top - allowed)}"
+
+
+def test_only_the_engine_runs_the_trunk():
+    """`gpt2()` (the transformer trunk) is called from gpt2np.engine alone (and the textbook twin's own)."""
+    callers = set()
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "gpt2" and name != "gpt2np.reference":
+                callers.add(name)
+    assert callers == {"gpt2np.engine"}

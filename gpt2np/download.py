@@ -324,9 +324,9 @@ def _transfer_with_retries(job: _Transfer, bar: tqdm) -> None:
         except _TRANSIENT_ERRORS as error:
             if attempt == DOWNLOAD_RETRIES:
                 kept = _partial_size(job.partial, job.size)
+                resume = f"; the {kept} bytes received are kept and the next call resumes from there" if kept else ""
                 raise UnreachableError(
-                    f"Downloading {job.desc!r} from {origin(job.url)} failed {attempt + 1} times ({error}); the "
-                    f"{kept} bytes received are kept and the next call resumes from there."
+                    f"Downloading {job.desc!r} from {origin(job.url)} failed {attempt + 1} times ({error}){resume}."
                 ) from error
             time.sleep(RETRY_BACKOFF * (attempt + 1))
 

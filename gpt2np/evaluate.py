@@ -31,22 +31,20 @@ V vocabulary, N scored tokens.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import re
 import sys
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import requests
 from tqdm import tqdm
 
 from . import engine
+from .download import cached_download, endpoint
 from .model import lm_head
 
 # Rows of logits computed at once: 256 x 50,257 float32 is 51 MB.
@@ -647,7 +645,7 @@ def read_char_test(path: str | os.PathLike, *, what: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Downloading with a checksum
+# Downloading with a checksum (through gpt2np.download, the path the checkpoint files take too)
 
 
 @dataclass(frozen=True)
@@ -661,8 +659,7 @@ class DataSource:
 
 
 def _hub_dataset_url(repo: str, revision: str, path: str) -> str:
-    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
-    return f"{endpoint}/datasets/{repo}/resolve/{revision}/{path}"
+    return f"{endpoint()}/datasets/{repo}/resolve/{revision}/{path}"
 
 
 # OpenAI's LAMBADA test set (5,153 passages, detokenized), as the GPT-2 authors published it.
@@ -672,7 +669,9 @@ LAMBADA_SOURCE = DataSource(
     sha256="4aa8d02cd17c719165fc8a7887fddd641f43fcafa4b1c806ca8abc31fabdb226",
     size=1_819_752,
     urls=(
-        _hub_dataset_url("EleutherAI/lambada_openai", "900124bf3b8235c6daf21033af9948b3f07346c4", "data/lambada_test.jsonl"),
+        _hub_dataset_url(
+            "EleutherAI/lambada_openai", "900124bf3b8235c6daf21033af9948b3f07346c4", "data/lambada_test.jsonl"
+        ),
         "https://openaipublic.blob.core.windows.net/gpt-2/data/lambada_test.jsonl",
     ),
 )
@@ -686,56 +685,32 @@ def dataset_cache_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "gpt2np" / "datasets"
 
 
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def download(source: DataSource, *, cache_dir: str | os.PathLike | None = None, progress: bool = True,
-             timeout: tuple[float, float] = (10.0, 60.0)) -> Path:  # fmt: skip
+def download(
+    source: DataSource,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    timeout: tuple[float, float] | None = None,
+    offline: bool | None = None,
+) -> Path:
     """The cached copy of `source`, downloading it first when absent (or when its sha256 is wrong).
 
-    Each URL is tried in turn: the bytes stream into a temporary file in the cache folder, with a
-    progress bar on stderr (`progress=False` for none), and the file is renamed into place only if
-    its sha256 matches, so a partial or corrupt download is never read. Raises OSError naming every
-    URL's failure.
+    It takes the checkpoint files' path, `gpt2np.download.cached_download`, so a test file gets the same
+    care: each URL in turn, into a temporary file under a lock, resumed after a dropped connection, renamed
+    into place only when its size and sha256 match. A progress bar goes to stderr (`progress=False` for
+    none). Offline mode (`offline=True`, or HF_HUB_OFFLINE=1 as for models) reads the cache only. Raises
+    an OSError that names the fix: the network, --data FILE, or offline mode.
     """
-    dest = dataset_cache_dir(cache_dir) / source.filename
-    if dest.is_file() and sha256_file(dest) == source.sha256:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    failures = []
-    for url in source.urls:
-        try:
-            _fetch(url, dest, sha256=source.sha256, size=source.size, progress=progress, timeout=timeout)
-            return dest
-        except (requests.RequestException, OSError, ValueError) as e:
-            failures.append(f"{url}: {e}")
-    raise OSError(f"could not download {source.filename} (sha256 {source.sha256}): {'; '.join(failures)}. "
-                  f"Check the network, or download it by hand and pass --data FILE")  # fmt: skip
-
-
-def _fetch(url: str, dest: Path, *, sha256: str, size: int, progress: bool, timeout) -> None:
-    fd, partial = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".incomplete")
-    try:
-        digest = hashlib.sha256()
-        with os.fdopen(fd, "wb") as f, requests.get(url, stream=True, timeout=timeout) as response:
-            response.raise_for_status()
-            total = int(response.headers.get("Content-Length") or 0) or size
-            with tqdm(total=total, desc=dest.name, unit="B", unit_scale=True, disable=not progress, file=sys.stderr) as bar:
-                for chunk in response.iter_content(1 << 16):
-                    f.write(chunk)
-                    digest.update(chunk)
-                    bar.update(len(chunk))
-        if digest.hexdigest() != sha256:
-            raise ValueError(f"sha256 mismatch: got {digest.hexdigest()}, expected {sha256}")
-        os.replace(partial, dest)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+    return cached_download(
+        source.urls,
+        dataset_cache_dir(cache_dir) / source.filename,
+        sha256=source.sha256,
+        size=source.size,
+        offline=offline,
+        progress=progress,
+        timeout=timeout,
+        instead="download it by hand and pass --data FILE",
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,45 +20,29 @@ The protocol, as the hub speaks it:
 - Errors name their cause in `X-Error-Code`: `RepoNotFound`, `RevisionNotFound`, `EntryNotFound`,
   `GatedRepo`. A 401 may mean private, gated or missing: the hub does not say which.
 
-Safety: every blob is written to `blobs/{etag}.incomplete` under the blob's lock, its size (and its
-sha256 for LFS files) checked, and only then renamed into place, so a half-written or corrupt file
-is never read back. The token goes to the hub's own host only, never to the CDN.
+The bytes themselves are fetched by `gpt2np.download`, the one download path gpt2np has: each blob
+goes to `blobs/{etag}.incomplete` under the blob's lock, resumes after a dropped connection, has its
+size (and its sha256 for LFS files) checked, and only then is renamed into place, so a half-written
+or corrupt file is never read back. What stays here is the hub's own: the HEAD metadata, the
+`X-Error-Code` answers, the cache layout, and the token, sent to the hub's own host only, never to
+the CDN.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import pathlib
 import re
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from urllib.parse import quote, urljoin, urlsplit
+from urllib.parse import quote, urljoin
 
 import requests
-from tqdm import tqdm
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; blobs are still verified before they are renamed into place
-    fcntl = None
-
-DEFAULT_ENDPOINT = "https://huggingface.co"
-
-# (connect, read) seconds for every request; a stalled read is retried with a Range request.
-TIMEOUT = (10.0, 60.0)
-# How many times a dropped or stalled transfer is resumed before giving up, and the pause
-# before the n-th retry (n * RETRY_BACKOFF seconds).
-DOWNLOAD_RETRIES = 3
-RETRY_BACKOFF = 1.0
-MAX_REDIRECTS = 5
-# Bytes read from the network at a time: a dropped connection loses at most one chunk.
-CHUNK_SIZE = 64 * 1024
+from . import download
 
 SHORT_NAMES = {
     "gpt2": "openai-community/gpt2",
@@ -76,7 +60,6 @@ TOKENIZER_FILES = ("vocab.json", "merges.txt")
 _COMMIT_HASH = re.compile(r"[0-9a-f]{40}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SAFE_ETAG = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # it names a file in blobs/
-_TRUE_VALUES = {"1", "true", "yes", "on"}
 
 
 class HubError(OSError):
@@ -99,7 +82,7 @@ class GatedRepoError(HubError):
     """The repository is gated: its conditions must be accepted on the hub, then a token sent."""
 
 
-class ChecksumError(HubError):
+class ChecksumError(HubError, download.ChecksumError):
     """A downloaded file's size or sha256 did not match what the hub announced."""
 
 
@@ -107,7 +90,7 @@ class OfflineCacheMissError(HubError):
     """Offline mode is on and the cache does not hold the requested snapshot."""
 
 
-class HubUnreachableError(HubError):
+class HubUnreachableError(HubError, download.UnreachableError):
     """The hub could not be reached (connection error, timeout, or a 5xx answer)."""
 
 
@@ -157,13 +140,12 @@ def snapshot_download(
         raise ValueError(f"revision={revision!r} is not a branch, tag or commit hash (e.g. 'main').")
     cache = hub_cache_dir(cache_dir)
     repo = _CachedRepo(cache=cache, repo_id=repo_id)
-    if _offline_mode(offline):
+    if download.offline_mode(offline):
         return _cached_snapshot_or_raise(repo, revision)
     token = token or os.environ.get("HF_TOKEN") or None
-    endpoint = (os.environ.get("HF_ENDPOINT") or DEFAULT_ENDPOINT).rstrip("/")
     try:
         with requests.Session() as session:
-            hub = _Hub(session=session, endpoint=endpoint, token=token, repo_id=repo_id, progress=progress)
+            hub = _Hub(session=session, endpoint=download.endpoint(), token=token, repo_id=repo_id, progress=progress)
             return _download_snapshot(hub, repo, revision)
     except HubUnreachableError as error:
         snapshot = _complete_cached_snapshot(repo, revision)
@@ -207,12 +189,6 @@ class _CachedRepo:
 
     def snapshot(self, commit: str) -> pathlib.Path:
         return self.folder / "snapshots" / commit
-
-
-def _offline_mode(offline: bool | None) -> bool:
-    if offline is not None:
-        return offline
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE_VALUES
 
 
 def _cached_commit(repo: _CachedRepo, revision: str) -> str | None:
@@ -286,25 +262,6 @@ def _link_into_snapshot(blob: pathlib.Path, pointer: pathlib.Path) -> None:
     os.replace(staged, pointer)
 
 
-@contextlib.contextmanager
-def _exclusive_lock(path: pathlib.Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (created if needed), waiting for other holders."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield
-        return
-    while True:
-        with open(path, "a") as handle:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-            # Another tool may delete a released lock file: ours must still be the one on disk.
-            if os.path.exists(path) and os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
-                try:
-                    yield
-                finally:
-                    fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-                return
-
-
 # ---------------------------------------------------------------------------------------------
 # Talking to the hub
 
@@ -324,10 +281,9 @@ class _Hub:
 
     def headers_for(self, url: str) -> dict[str, str]:
         # The token is for the hub only: never send it to the CDN a large file redirects to.
-        headers = {"Accept-Encoding": "identity"}
-        if self.token and _origin(url) == _origin(self.endpoint):
-            headers["Authorization"] = f"Bearer {self.token}"
-        return headers
+        if self.token and download.origin(url) == download.origin(self.endpoint):
+            return {"Authorization": f"Bearer {self.token}"}
+        return {}
 
 
 @dataclass(frozen=True)
@@ -345,12 +301,6 @@ class _FileInfo:
         return _SHA256.fullmatch(self.etag) is not None
 
 
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    default_port = {"http": 80, "https": 443}.get(parts.scheme)
-    return parts.scheme, (parts.hostname or "").lower(), parts.port or default_port
-
-
 def _normalize_etag(etag: str) -> str:
     """`W/"abc"` or `"abc"` -> `abc`, the blob's file name."""
     etag = etag.strip()
@@ -359,37 +309,19 @@ def _normalize_etag(etag: str) -> str:
     return etag.strip('"')
 
 
-def _send(hub: _Hub, method: str, url: str, *, headers=None, stream=False, follow_off_hub=True):
-    """Send a request, following redirects by hand so the token never leaves the hub's host.
-
-    With `follow_off_hub=False` a redirect to another host is returned as is (HEAD uses this:
-    the redirect itself carries the metadata of a large file).
-    """
-    for _ in range(MAX_REDIRECTS + 1):
-        try:
-            response = hub.session.request(
-                method,
-                url,
-                headers={**hub.headers_for(url), **(headers or {})},
-                allow_redirects=False,
-                stream=stream,
-                timeout=TIMEOUT,
-            )
-        except (requests.ConnectionError, requests.Timeout) as error:
-            raise HubUnreachableError(f"Could not reach {_origin_text(url)}: {error}.") from error
-        if not response.is_redirect:
-            return response
-        target = urljoin(url, response.headers["Location"])
-        if not follow_off_hub and _origin(target) != _origin(url):
-            return response
-        response.close()
-        url = target
-    raise HubError(f"Too many redirects (more than {MAX_REDIRECTS}) while fetching {url}.")
-
-
-def _origin_text(url: str) -> str:
-    scheme, host, port = _origin(url)
-    return f"{scheme}://{host}:{port}"
+@contextlib.contextmanager
+def _hub_errors() -> Iterator[None]:
+    """Re-raise `gpt2np.download`'s errors as this module's, so a caller catches HubError alone."""
+    try:
+        yield
+    except HubError:
+        raise
+    except download.ChecksumError as error:
+        raise ChecksumError(str(error)) from error
+    except download.UnreachableError as error:
+        raise HubUnreachableError(str(error)) from error
+    except download.DownloadError as error:
+        raise HubError(str(error)) from error
 
 
 def _raise_for_status(hub: _Hub, response: requests.Response, revision: str, filename: str) -> None:
@@ -428,7 +360,8 @@ def _raise_for_status(hub: _Hub, response: requests.Response, revision: str, fil
 def _file_info(hub: _Hub, revision: str, filename: str) -> _FileInfo:
     """HEAD one file: learn the commit, its etag, its size and where its bytes are."""
     url = hub.resolve_url(revision, filename)
-    response = _send(hub, "HEAD", url, follow_off_hub=False)
+    with _hub_errors():
+        response = download.request(hub.session, "HEAD", url, headers_for=hub.headers_for, follow_other_hosts=False)
     response.close()
     _raise_for_status(hub, response, revision, filename)
     headers = response.headers
@@ -515,7 +448,7 @@ def _fetch(hub: _Hub, repo: _CachedRepo, commit: str, filename: str, *, info=Non
         return pointer
     info = info or _file_info(hub, commit, filename)
     blob = repo.blob(info.etag)
-    with _exclusive_lock(repo.lock(info.etag)):
+    with download.file_lock(repo.lock(info.etag)):
         if not blob.is_file():
             _download_blob(hub, info, blob)
         _link_into_snapshot(blob, pointer)
@@ -523,121 +456,35 @@ def _fetch(hub: _Hub, repo: _CachedRepo, commit: str, filename: str, *, info=Non
 
 
 def _download_blob(hub: _Hub, info: _FileInfo, blob: pathlib.Path) -> None:
-    """Download into `{blob}.incomplete` (resuming what is there), verify, rename into place.
+    """Fetch one blob through `gpt2np.download`: resumed, retried, verified, then renamed into place.
 
-    The caller holds the blob's lock, so the partial file is ours alone.
+    The caller holds the blob's lock. Only LFS files have a sha256 to check (their etag) and a progress
+    bar: small files are verified by their size.
     """
-    partial = blob.with_name(blob.name + ".incomplete")
-    partial.parent.mkdir(parents=True, exist_ok=True)
-    partial.touch()
-    bar = tqdm(
-        desc=info.filename,
-        total=info.size,
-        initial=_partial_size(partial, info.size),
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        file=sys.stderr,
-        disable=not (hub.progress and info.is_lfs),
-        leave=True,
-    )
-    with bar:
-        for attempt in range(DOWNLOAD_RETRIES + 1):
-            try:
-                _transfer(hub, info, partial, bar)
-                break
-            except _TRANSIENT_ERRORS as error:
-                if attempt == DOWNLOAD_RETRIES:
-                    raise HubUnreachableError(
-                        f"Downloading {info.filename!r} of {hub.repo_id!r} failed {attempt + 1} times "
-                        f"({error}); the {partial.stat().st_size} bytes received are kept and the next "
-                        "call resumes from there."
-                    ) from error
-                time.sleep(RETRY_BACKOFF * (attempt + 1))
-    _verify(hub, info, partial)
-    os.replace(partial, blob)
-
-
-# What a retry with a Range request may cure: a dropped, refused or stalled connection, or a 5xx.
-_TRANSIENT_ERRORS = (
-    requests.ConnectionError,
-    requests.Timeout,
-    requests.exceptions.ChunkedEncodingError,
-    HubUnreachableError,
-)
-
-
-def _partial_size(partial: pathlib.Path, expected: int | None) -> int:
-    """Bytes of an earlier attempt worth resuming from; a partial larger than the file is dropped."""
-    size = partial.stat().st_size if partial.exists() else 0
-    if expected is not None and size > expected:
-        partial.unlink()
-        return 0
-    return size
-
-
-def _transfer(hub: _Hub, info: _FileInfo, partial: pathlib.Path, bar: tqdm) -> None:
-    """One GET of the rest of the file, appended to `partial` (or rewritten if the server restarts)."""
-    have = _partial_size(partial, info.size)
-    if info.size is not None and have == info.size:
-        return
-    headers = {"Range": f"bytes={have}-"} if have else {}
-    response = _send(hub, "GET", info.url, headers=headers, stream=True)
-    with response:
-        if have and response.status_code == 416:  # the partial already holds the whole file, or more
-            partial.write_bytes(b"")
-            return _transfer(hub, info, partial, bar)
-        if have and response.status_code == 206 and _range_start(response) == have:
-            mode = "ab"
-        elif response.status_code == 200:
-            mode = "wb"  # no range asked, or the server ignored it: start over from zero
-            if have:
-                bar.reset(total=info.size)
-        else:
-            _raise_for_download_status(hub, info, response)
-        with open(partial, mode) as out:
-            for chunk in response.iter_content(chunk_size=CHUNK_SIZE):
-                out.write(chunk)
-                bar.update(len(chunk))
+    sha256 = info.etag if info.is_lfs else None
+    progress = hub.progress and info.is_lfs
+    with _hub_errors():
+        try:
+            download.download_file(
+                info.url,
+                blob,
+                size=info.size,
+                sha256=sha256,
+                session=hub.session,
+                headers_for=hub.headers_for,
+                desc=info.filename,
+                progress=progress,
+            )
+        except download.HTTPError as error:
+            _raise_for_download_status(hub, info, error.response)
 
 
 def _raise_for_download_status(hub: _Hub, info: _FileInfo, response: requests.Response) -> None:
-    status, where = response.status_code, _origin_text(response.url)
-    if status >= 500:
-        raise HubUnreachableError(f"{where} answered HTTP {status} for {info.filename!r}.")
-    if _origin(response.url) == _origin(hub.endpoint):
+    """A refused GET: the hub's own errors by their X-Error-Code, else a CDN link that went bad."""
+    where = download.origin(response.url)
+    if where == download.origin(hub.endpoint):
         _raise_for_status(hub, response, info.commit, info.filename)
     raise HubError(
-        f"Downloading {info.filename!r} of {hub.repo_id!r} from {where} failed with HTTP {status}. "
+        f"Downloading {info.filename!r} of {hub.repo_id!r} from {where} failed with HTTP {response.status_code}. "
         "Run it again: the hub hands out a fresh CDN link each time."
     )
-
-
-def _range_start(response: requests.Response) -> int | None:
-    """The first byte of a 206 answer, from `Content-Range: bytes START-END/TOTAL`."""
-    match = re.match(r"bytes (\d+)-", response.headers.get("Content-Range", ""))
-    return int(match.group(1)) if match else None
-
-
-def _verify(hub: _Hub, info: _FileInfo, partial: pathlib.Path) -> None:
-    """Check the size, and the sha256 of LFS files; a mismatch deletes the file and raises."""
-    size = partial.stat().st_size
-    if info.size is not None and size != info.size:
-        partial.unlink()
-        raise ChecksumError(
-            f"Downloaded {info.filename!r} of {hub.repo_id!r} has {size} bytes where the hub announced "
-            f"{info.size}; it was deleted. Run the download again."
-        )
-    if not info.is_lfs:
-        return
-    digest = hashlib.sha256()
-    with open(partial, "rb") as f:
-        for chunk in iter(lambda: f.read(CHUNK_SIZE), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != info.etag:
-        partial.unlink()
-        raise ChecksumError(
-            f"Downloaded {info.filename!r} of {hub.repo_id!r}: the sha256 checksum did not match "
-            f"(got {digest.hexdigest()}, expected {info.etag}); the file was deleted. Run the "
-            "download again; if it keeps failing, the CDN or a proxy is altering the bytes."
-        )

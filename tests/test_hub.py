@@ -15,6 +15,7 @@ import threading
 
 import pytest
 
+from gpt2np import download as downloads
 from gpt2np import hub
 from gpt2np.hub import (
     ChecksumError,
@@ -61,8 +62,8 @@ def fake_hub(monkeypatch):
         monkeypatch.delenv(var, raising=False)
     for var in ("NO_PROXY", "no_proxy"):
         monkeypatch.setenv(var, "127.0.0.1,localhost")
-    monkeypatch.setattr(hub, "TIMEOUT", (2.0, 5.0))
-    monkeypatch.setattr(hub, "RETRY_BACKOFF", 0.0)
+    monkeypatch.setattr(downloads, "TIMEOUT", (2.0, 5.0))
+    monkeypatch.setattr(downloads, "RETRY_BACKOFF", 0.0)
     with FakeHub() as fake:
         monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
         yield fake
@@ -303,7 +304,7 @@ def test_dropped_connection_is_resumed_with_a_range_request(fake_hub, cache):
 def test_interrupted_download_resumes_on_the_next_call(fake_hub, cache, monkeypatch):
     fake_hub.add_repo(REPO, gpt2_files())
     fake_hub.faults.drops = 1
-    monkeypatch.setattr(hub, "DOWNLOAD_RETRIES", 0)
+    monkeypatch.setattr(downloads, "DOWNLOAD_RETRIES", 0)
 
     with pytest.raises(HubUnreachableError, match="next call resumes"):
         download(cache)
@@ -334,7 +335,7 @@ def test_stalled_transfer_times_out_and_resumes(fake_hub, cache, monkeypatch):
     fake_hub.add_repo(REPO, gpt2_files())
     fake_hub.faults.stalls = 1
     fake_hub.faults.stall_seconds = 1.0
-    monkeypatch.setattr(hub, "TIMEOUT", (2.0, 0.2))
+    monkeypatch.setattr(downloads, "TIMEOUT", (2.0, 0.2))
 
     snapshot = download(cache)
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fakehub import FakeHub
-from gpt2np import GPT2, hub
+from gpt2np import GPT2, download, hub
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-gpt2"
 VOCAB = Path(__file__).parent.parent / "gpt2np" / "vocab"
@@ -24,7 +24,7 @@ def fake_hub(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(hub, "TIMEOUT", (2.0, 5.0))
+    monkeypatch.setattr(download, "TIMEOUT", (2.0, 5.0))
     with FakeHub() as fake:
         monkeypatch.setenv("HF_ENDPOINT", fake.endpoint)
         files = {name: (FIXTURE / name).read_bytes() for name in ("config.json", "model.safetensors")}

@@ -439,8 +439,8 @@ def test_missing_file_and_folder_are_named(tmp_path):
 
 
 def test_char_test_split_is_the_last_part_of_the_full_corpus(tmp_path, monkeypatch):
-    monkeypatch.setattr(evaluate, "ENWIK8_TEXT8_SIZE", 20)
-    monkeypatch.setattr(evaluate, "ENWIK8_TEXT8_TEST", 4)
+    monkeypatch.setattr(evaluate.data, "ENWIK8_TEXT8_SIZE", 20)
+    monkeypatch.setattr(evaluate.data, "ENWIK8_TEXT8_TEST", 4)
     full = tmp_path / "enwik8"
     full.write_bytes("abcdefghijklmno\u00e9xyz".encode())  # 20 bytes; the last 4 start inside "é"
     assert read_char_test(full, what="enwik8") == "xyz"
@@ -786,7 +786,7 @@ def test_multiple_choice_and_cbt_equal_the_uncached_path(small, tmp_path):
         for example in examples:
             context, continuations = cloze_choices(example)
             result = multiple_choice(small, context, continuations, prepend_eot=prepend_eot, progress=False)
-            old = [evaluate._continuation(small, context, c, prepend_eot=prepend_eot) for c in continuations]
+            old = [evaluate.scoring._continuation(small, context, c, prepend_eot=prepend_eot) for c in continuations]
             old_scores = [float(lp.sum()) for lp, _ in evaluate.score_tokens(small, old, progress=False)]
             np.testing.assert_allclose(result["scores"], old_scores, rtol=0, atol=1e-4)
             assert result["best"] == int(np.argmax(old_scores))
@@ -800,7 +800,7 @@ def test_long_context_falls_back_to_the_left_cut(small):
     context = PROSE
     candidates = [" mat.", " dog and slept.", " roof"]
     result = multiple_choice(small, context, candidates, progress=False)
-    old = [evaluate._continuation(small, context, c, prepend_eot=False) for c in candidates]
+    old = [evaluate.scoring._continuation(small, context, c, prepend_eot=False) for c in candidates]
     assert all(len(ids) == small.config.n_ctx for ids, _ in old)
     old_scores = [float(lp.sum()) for lp, _ in evaluate.score_tokens(small, old, progress=False)]
     np.testing.assert_allclose(result["scores"], old_scores, rtol=0, atol=1e-4)

@@ -1,0 +1,72 @@
+"""Zero-shot evaluation: perplexity, LAMBADA and cloze scoring, every method choice explicit.
+
+GPT-2's zero-shot table (Radford et al., 2019, "Language Models are Unsupervised Multitask
+Learners", section 3) moves by several points with choices the paper leaves implicit: how long a
+window is and how far it moves, whether the text is detokenized first, whether a LAMBADA answer is
+the whole last word or only its last token, whether an <|endoftext|> starts the text. Here each
+choice is a keyword argument, echoed in the results, and described in docs/evaluation.md.
+
+Three kinds of task:
+
+- perplexity (WikiText, PTB, enwik8, text8): the text is tokenized once and scored by a sliding
+  window (`sliding_windows`): every token but the first is predicted exactly once, from up to
+  `max_length` tokens of context (`perplexity`);
+- LAMBADA: the last word of a passage, `" " + word`, must be predicted greedily, every one of its
+  tokens (`lambada`);
+- cloze (CBT): each candidate completes the sentence; the completion with the highest
+  log-likelihood wins (`multiple_choice`, `cbt`).
+
+The package:
+
+- `scoring`: log-probabilities of chosen tokens, batched and KV-cached, and the methods above;
+- `data`: reading the test files, the detokenizers, and LAMBADA's checksum-pinned download;
+- `tasks`: the model card's table (`TASKS`) and `evaluate_task`, which runs one row of it;
+- `command`: `gpt2np eval`.
+
+Everything a user calls is importable from `gpt2np.evaluate` itself.
+"""
+
+from .command import build_parser, format_table, main
+from .data import (
+    CLOZE_BLANK,
+    DETOKENIZERS,
+    LAMBADA_SOURCE,
+    ClozeExample,
+    DataSource,
+    cbt_detokenize,
+    dataset_cache_dir,
+    detokenize,
+    download,
+    no_detokenize,
+    ptb_detokenize,
+    read_cbt,
+    read_char_test,
+    read_lambada,
+    read_text,
+    wikitext_detokenize,
+)
+from .scoring import (
+    DEFAULT_BATCH_SIZE,
+    DEFAULT_STRIDE,
+    cbt,
+    cloze_choices,
+    count_words,
+    lambada,
+    multiple_choice,
+    perplexity,
+    score_continuations,
+    score_tokens,
+    sliding_windows,
+    split_last_word,
+    target_log_probs,
+)
+from .tasks import TASKS, Task, evaluate_task
+
+__all__ = [
+    "CLOZE_BLANK", "DEFAULT_BATCH_SIZE", "DEFAULT_STRIDE", "DETOKENIZERS", "LAMBADA_SOURCE", "TASKS",
+    "ClozeExample", "DataSource", "Task", "build_parser", "cbt", "cbt_detokenize", "cloze_choices",
+    "count_words", "dataset_cache_dir", "detokenize", "download", "evaluate_task", "format_table",
+    "lambada", "main", "multiple_choice", "no_detokenize", "perplexity", "ptb_detokenize", "read_cbt",
+    "read_char_test", "read_lambada", "read_text", "score_continuations", "score_tokens",
+    "sliding_windows", "split_last_word", "target_log_probs", "wikitext_detokenize",
+]

@@ -179,6 +179,46 @@ def test_config_validation_and_presets():
         GPT2Config.from_dict({"model_type": "llama"})
 
 
+BAD_CONFIG_VALUES = [
+    ("eos_token_id", -7, r"eos_token_id must be an integer in \[0, vocab_size=50257\), got -7"),
+    ("bos_token_id", 10**9, r"bos_token_id must be an integer in \[0, vocab_size=50257\), got 1000000000"),
+    ("bos_token_id", "x", r"bos_token_id must be an integer .* got 'x'"),
+    ("eos_token_id", True, r"eos_token_id must be an integer .* got True"),
+    ("eos_token_id", 50256.0, r"eos_token_id must be an integer .* got 50256.0"),
+    ("eos_token_id", 50257, r"eos_token_id must be an integer in \[0, vocab_size=50257\)"),
+    ("layer_norm_epsilon", True, "layer_norm_epsilon must be a finite number > 0"),
+    ("layer_norm_epsilon", math.inf, "layer_norm_epsilon must be a finite number > 0 .* got inf"),
+    ("layer_norm_epsilon", math.nan, "layer_norm_epsilon must be a finite number > 0 .* got nan"),
+    ("layer_norm_epsilon", 0.0, "layer_norm_epsilon must be a finite number > 0"),
+    ("layer_norm_epsilon", -1e-5, "layer_norm_epsilon must be a finite number > 0"),
+    ("layer_norm_epsilon", "1e-5", "layer_norm_epsilon must be a finite number > 0"),
+    ("n_inner", True, "n_inner must be a positive integer or null, got True"),
+    ("n_layer", 2.0, "n_layer must be a positive integer, got 2.0"),
+    ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false, got 'false'"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", BAD_CONFIG_VALUES)
+def test_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        GPT2Config(**{field: value})
+    with pytest.raises(ValueError, match=message):  # config.json goes through the same checks
+        GPT2Config.from_dict({field: value})
+
+
+def test_config_token_ids_follow_the_vocabulary():
+    assert (GPT2Config().eos_token_id, GPT2Config().bos_token_id) == (50256, 50256)
+    assert GPT2Config(vocab_size=50304).eos_token_id == 50256  # a padded vocabulary keeps <|endoftext|>
+    small = GPT2Config(vocab_size=300)  # too small for 50256: its last id, so the embedding can look it up
+    assert (small.eos_token_id, small.bos_token_id) == (299, 299)
+    assert GPT2Config.from_dict({"vocab_size": 32, "eos_token_id": None}).eos_token_id == 31
+    assert GPT2Config.from_dict({"vocab_size": 32, "bos_token_id": [5, 6]}).bos_token_id == 5
+    assert GPT2Config(vocab_size=10, eos_token_id=0, bos_token_id=9, layer_norm_epsilon=1).layer_norm_epsilon == 1
+    assert GPT2Config.from_dict(small.to_dict()) == small
+    with pytest.raises(ValueError, match=r"eos_token_id must be an integer in \[0, vocab_size=1000\), got 50256"):
+        GPT2Config(vocab_size=1000, eos_token_id=50256)
+
+
 # ------------------------------------------------------------------------------- bad files
 @pytest.fixture()
 def folder(tmp_path):

@@ -10,7 +10,8 @@ import pytest
 
 from checkpoints import hf_logits, hf_reference, worst_relative_error, write_checkpoint
 from gpt2np import GPT2, GPT2Config
-from gpt2np.checkpoint import random_state_dict, save_checkpoint
+from gpt2np import Tokenizer
+from gpt2np.checkpoint import check_tokenizer, random_state_dict, save_checkpoint
 from gpt2np.model import attention, block, causal_mask, ffn, gelu, gpt2, layer_norm, linear, lm_head, mha, softmax
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-gpt2"
@@ -217,6 +218,39 @@ def test_config_token_ids_follow_the_vocabulary():
     assert GPT2Config.from_dict(small.to_dict()) == small
     with pytest.raises(ValueError, match=r"eos_token_id must be an integer in \[0, vocab_size=1000\), got 50256"):
         GPT2Config(vocab_size=1000, eos_token_id=50256)
+
+
+# ------------------------------------------------------------------------------- config against tokenizer
+@pytest.fixture(scope="module")
+def gpt2_tokenizer():
+    return Tokenizer()
+
+
+def test_check_tokenizer_accepts_matching_and_padded_vocabularies(gpt2_tokenizer):
+    check_tokenizer(GPT2Config(), gpt2_tokenizer)
+    check_tokenizer(GPT2Config(vocab_size=50304), gpt2_tokenizer)  # padded: the extra rows are never sampled
+    check_tokenizer(GPT2Config(vocab_size=50304, eos_token_id=198, bos_token_id=0), gpt2_tokenizer)
+    tiny = Tokenizer({"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}, [("a", "b")])
+    check_tokenizer(GPT2Config(vocab_size=4), tiny)
+
+
+def test_check_tokenizer_rejects_a_vocabulary_smaller_than_the_tokenizers(gpt2_tokenizer):
+    message = r"vocab_size 1000 but the tokenizer has 50257 tokens.*ids 1000\.\.50256.*vocab\.json/merges\.txt"
+    with pytest.raises(ValueError, match=message):
+        check_tokenizer(GPT2Config(vocab_size=1000), gpt2_tokenizer)
+    with pytest.raises(ValueError, match="vocab_size 50256 but the tokenizer has 50257"):
+        check_tokenizer(GPT2Config(vocab_size=50256, eos_token_id=0, bos_token_id=0), gpt2_tokenizer)
+
+
+def test_check_tokenizer_rejects_eos_and_bos_the_tokenizer_cannot_decode(gpt2_tokenizer):
+    message = r"eos_token_id 50269 is not a token of the tokenizer \(50257 ids, <\|endoftext\|> = 50256\)"
+    with pytest.raises(ValueError, match=message):
+        check_tokenizer(GPT2Config(vocab_size=50304, eos_token_id=50269), gpt2_tokenizer)
+    with pytest.raises(ValueError, match="bos_token_id 50300 is not a token"):
+        check_tokenizer(GPT2Config(vocab_size=50304, bos_token_id=50300), gpt2_tokenizer)
+    holes = Tokenizer({"a": 0, "b": 1, "<|endoftext|>": 3}, [])  # id 2 is unused: it decodes to nothing
+    with pytest.raises(ValueError, match=r"eos_token_id 2 is not a token of the tokenizer \(4 ids"):
+        check_tokenizer(GPT2Config(vocab_size=4, eos_token_id=2), holes)
 
 
 # ------------------------------------------------------------------------------- bad files

@@ -17,12 +17,14 @@ the hub's `vocab.json` + `merges.txt`).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import numbers
 import os
 from collections.abc import Collection, Iterable, Sequence
 from importlib import resources
+from pathlib import Path
 from typing import AbstractSet, Literal
 
 import regex
@@ -41,6 +43,13 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 
 # Words whose merged form is remembered; the cache is cleared when it grows past this size.
 _CACHE_LIMIT = 100_000
+
+# sha256 of OpenAI's encoder.json and vocab.bpe (the hub's gpt2 vocab.json and merges.txt): the files
+# for which the whole-word shortcut is proven (see `Tokenizer._encode_word`).
+OPENAI_SHA256 = (
+    "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -61,6 +70,12 @@ def bytes_to_unicode() -> dict[int, str]:
             mapping[b] = chr(256 + shifted)
             shifted += 1
     return mapping
+
+
+def is_openai_vocabulary(vocab: str | os.PathLike, merges: str | os.PathLike) -> bool:
+    """Whether the two files are OpenAI's GPT-2 vocabulary, byte for byte (about 2 ms to hash)."""
+    digests = tuple(hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (vocab, merges))
+    return digests == OPENAI_SHA256
 
 
 def read_vocab(path: str | os.PathLike) -> dict[str, int]:
@@ -104,9 +119,13 @@ class Tokenizer:
         if encoder is None and merges is None:  # `Tokenizer()`: the bundled GPT-2 vocabulary
             folder = resources.files("gpt2np") / "vocab"
             with resources.as_file(folder / "encoder.json") as v, resources.as_file(folder / "vocab.bpe") as m:
-                encoder, merges = read_vocab(v), read_merges(m)
+                encoder, merges, proven = read_vocab(v), read_merges(m), is_openai_vocabulary(v, m)
         elif encoder is None or merges is None:
             raise ValueError("pass both encoder and merges, or neither for the bundled GPT-2 vocabulary")
+        else:
+            proven = False
+        # Whether a word that is a whole vocabulary entry may skip the merges (see `_encode_word`).
+        self._whole_word_shortcut = proven
         self.encoder = dict(encoder)
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
         byte_encoder = bytes_to_unicode()
@@ -129,7 +148,9 @@ class Tokenizer:
     @classmethod
     def from_files(cls, vocab: str | os.PathLike, merges: str | os.PathLike) -> "Tokenizer":
         """Load a GPT-2-style vocabulary: a JSON token -> id map and a merges file (one pair a line)."""
-        return cls(read_vocab(vocab), read_merges(merges))
+        tokenizer = cls(read_vocab(vocab), read_merges(merges))
+        tokenizer._whole_word_shortcut = is_openai_vocabulary(vocab, merges)
+        return tokenizer
 
     # ------------------------------------------------------------------ properties
     @property
@@ -191,21 +212,32 @@ class Tokenizer:
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         words = self._pattern.findall(text)  # stage 1: pre-tokenise
         ids: list[int] = []
-        cache, encoder = self._cache, self.encoder
+        cache = self._cache
         for word in words:
             cached = cache.get(word)
             if cached is None:
-                # stage 2: UTF-8 bytes -> printable stand-ins ('Ġ' for a space, ...)
-                translated = word.encode("utf-8").decode("latin-1").translate(self._translate)
-                if translated in encoder:  # most words are one token: no merging needed
-                    cached = [encoder[translated]]
-                else:
-                    merged = self._merge(list(translated))  # stage 3: BPE merges
-                    cached = [encoder[symbol] for symbol in merged]
-                if len(cache) >= _CACHE_LIMIT:
-                    cache.clear()
-                cache[word] = cached
+                cached = self._encode_word(word)
             ids += cached
+        return ids
+
+    def _encode_word(self, word: str) -> list[int]:
+        """Translate and merge one word (stages 2 and 3), and remember its ids.
+
+        Most words are a single vocabulary entry, and skipping their merges speeds up a cold encode.
+        That shortcut is BPE only if every entry's merges rebuild it. OpenAI's files are proven to
+        (tests/test_tokenizer.py checks all 50,256 entries) and are recognised by their sha256;
+        checking another vocabulary at load would cost about 0.35 s, so it always runs the merges.
+        With vocab {"a", "b", "ab"} and no merges, "ab" is then [a, b], as OpenAI's encoder.py gives.
+        """
+        # stage 2: UTF-8 bytes -> printable stand-ins ('Ġ' for a space, ...)
+        translated = word.encode("utf-8").decode("latin-1").translate(self._translate)
+        if self._whole_word_shortcut and translated in self.encoder:
+            ids = [self.encoder[translated]]
+        else:
+            ids = [self.encoder[symbol] for symbol in self._merge(list(translated))]  # stage 3: BPE merges
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[word] = ids
         return ids
 
     def _merge(self, symbols: list[str]) -> list[str]:

@@ -207,3 +207,39 @@ def test_from_files_errors_name_the_file(tmp_path):
         Tokenizer.from_files(VOCAB / "encoder.json", tmp_path / "merges.txt")
     with pytest.raises(ValueError, match="missing"):
         Tokenizer.from_files(tmp_path / "missing.json", VOCAB / "vocab.bpe")
+
+
+# ------------------------------------------------------------------------------- the whole-word shortcut
+TINY_VOCAB = {"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}
+
+
+def test_every_bundled_entry_merges_to_itself(tok):
+    """The proof behind the whole-word shortcut: with OpenAI's files, BPE turns each entry into itself."""
+    unreachable = [t for t in tok.encoder if t not in tok.special_tokens and tok._merge(list(t)) != [t]]
+    assert unreachable == []
+    assert tok._whole_word_shortcut
+
+
+def test_custom_vocabulary_runs_the_merges(tmp_path):
+    """"ab" is an entry, but no merge builds it: BPE (OpenAI's encoder.py, HF's tokenizer) gives [a, b]."""
+    (tmp_path / "vocab.json").write_text(json.dumps(TINY_VOCAB))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tiny = Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    assert tiny.encode("ab") == [0, 1]
+    assert tiny.encode("ab") == [0, 1]  # from the cache
+    assert Tokenizer(TINY_VOCAB, []).encode("abab") == [0, 1, 0, 1]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    assert Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt").encode("ab") == [2]
+
+
+def test_shortcut_needs_openais_files_byte_for_byte(tmp_path):
+    shutil.copy(VOCAB / "encoder.json", tmp_path / "vocab.json")
+    shutil.copy(VOCAB / "vocab.bpe", tmp_path / "merges.txt")
+    assert Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")._whole_word_shortcut
+    with open(tmp_path / "merges.txt", "a") as f:
+        f.write("\n")  # the same merges, other bytes: not proven, so the merges run
+    other = Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    assert not other._whole_word_shortcut
+    text = stdlib_prose()[:5_000]
+    assert other.encode(text) == Tokenizer().encode(text)
+

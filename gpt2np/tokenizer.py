@@ -41,8 +41,14 @@ ENDOFTEXT = "<|endoftext|>"
 # The lookahead is why "a   b" becomes ["a", "  ", " b"]: the space before a word stays with it.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-# Words whose merged form is remembered; the cache is cleared when it grows past this size.
+# Words whose merged form is remembered. The cache is cleared when it passes either limit: entries, or
+# bytes (each word's UTF-8 bytes plus an 8-byte list slot per id). Prose and source code average about
+# 22 such bytes a word, so full of ordinary words the cache holds about 2 MB and the byte limit never
+# bites. Words longer than _CACHE_WORD_BYTES are never cached: text repeats short words, and a giant
+# word would hold its memory until the next clear.
 _CACHE_LIMIT = 100_000
+_CACHE_BYTES = 8 << 20
+_CACHE_WORD_BYTES = 256
 
 # sha256 of OpenAI's encoder.json and vocab.bpe (the hub's gpt2 vocab.json and merges.txt): the files
 # for which the whole-word shortcut is proven (see `Tokenizer._encode_word`).
@@ -143,6 +149,7 @@ class Tokenizer:
                 self._token_bytes[i] = token.translate(untranslate).encode("latin-1")
         self._pattern = regex.compile(GPT2_PATTERN)
         self._cache: dict[str, list[int]] = {}
+        self._cache_bytes = 0  # the cache's size as the limits above count it
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -221,7 +228,7 @@ class Tokenizer:
         return ids
 
     def _encode_word(self, word: str) -> list[int]:
-        """Translate and merge one word (stages 2 and 3), and remember its ids.
+        """Translate and merge one word (stages 2 and 3), and remember its ids if it is short.
 
         Most words are a single vocabulary entry, and skipping their merges speeds up a cold encode.
         That shortcut is BPE only if every entry's merges rebuild it. OpenAI's files are proven to
@@ -235,10 +242,17 @@ class Tokenizer:
             ids = [self.encoder[translated]]
         else:
             ids = [self.encoder[symbol] for symbol in self._merge(list(translated))]  # stage 3: BPE merges
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[word] = ids
+        if len(translated) <= _CACHE_WORD_BYTES:
+            self._remember(word, ids, len(translated) + 8 * len(ids))
         return ids
+
+    def _remember(self, word: str, ids: list[int], size: int) -> None:
+        """Cache a word's ids, first emptying the cache if it would pass its entry or byte limit."""
+        if len(self._cache) >= _CACHE_LIMIT or self._cache_bytes + size > _CACHE_BYTES:
+            self._cache.clear()
+            self._cache_bytes = 0
+        self._cache[word] = ids
+        self._cache_bytes += size
 
     def _merge(self, symbols: list[str]) -> list[str]:
         """Apply the BPE merges to one word's symbols, lowest rank first, leftmost first on ties.

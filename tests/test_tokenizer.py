@@ -243,3 +243,32 @@ def test_shortcut_needs_openais_files_byte_for_byte(tmp_path):
     text = stdlib_prose()[:5_000]
     assert other.encode(text) == Tokenizer().encode(text)
 
+
+# ------------------------------------------------------------------------------- the word cache
+def cache_size(tokenizer: Tokenizer) -> int:
+    """The cache's size as its byte limit counts it, recomputed from its contents."""
+    return sum(len(word.encode()) + 8 * len(ids) for word, ids in tokenizer._cache.items())
+
+
+def test_cache_stays_under_its_byte_limit_with_giant_words():
+    from gpt2np import tokenizer as module
+
+    tiny = Tokenizer(TINY_VOCAB, [])  # no merges: a 100 KB word encodes in milliseconds
+    for i in range(100):  # 10 MB of distinct words
+        word = format(i, "07b").replace("0", "a").replace("1", "b") + "a" * 100_000
+        assert tiny.encode(word)[:7] == [int(bit) for bit in format(i, "07b")]
+    assert cache_size(tiny) < 900_000  # less than one of the words: each is 100 KB + 800 KB of id slots
+    assert cache_size(tiny) == tiny._cache_bytes <= module._CACHE_BYTES
+
+
+def test_cache_clears_at_its_byte_limit(monkeypatch, tok):
+    from gpt2np import tokenizer as module
+
+    monkeypatch.setattr(module, "_CACHE_BYTES", 2_000)
+    fresh = Tokenizer()
+    words = [f" word{i}" for i in range(1_000)]
+    for word in words:
+        fresh.encode(word)
+        assert cache_size(fresh) == fresh._cache_bytes <= 2_000
+    assert 0 < len(fresh._cache) < 1_000
+    assert [fresh.encode(w) for w in words] == [tok.encode(w) for w in words]

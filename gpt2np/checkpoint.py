@@ -15,11 +15,15 @@ import os
 import re
 import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from .config import GPT2Config
+
+if TYPE_CHECKING:
+    from .tokenizer import Tokenizer
 
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -149,6 +153,34 @@ def load_state_dict(folder: str | os.PathLike, config: GPT2Config) -> dict[str, 
     if problems:
         raise ValueError(f"checkpoint {folder} does not match its config.json: " + "; ".join(problems))
     return state
+
+
+def check_tokenizer(config: GPT2Config, tokenizer: Tokenizer) -> None:
+    """Check at load that a checkpoint's config and its tokenizer agree, so generation cannot fail midway.
+
+    The model scores ids [0, vocab_size): each tokenizer id needs a row there, or a prompt's id
+    indexes past the embedding. A larger vocab_size is accepted (padded vocabularies such as 50304):
+    the extra rows belong to no token, and the decoding engine samples only the tokenizer's ids.
+    eos_token_id ends generation and bos_token_id conditions an empty prompt, so both must be
+    tokens the tokenizer can decode. Raises ValueError naming the numbers that disagree.
+    """
+    if config.vocab_size < tokenizer.n_vocab:
+        raise ValueError(
+            f"config.json has vocab_size {config.vocab_size} but the tokenizer has {tokenizer.n_vocab} tokens, so the "
+            f"model cannot score or produce ids {config.vocab_size}..{tokenizer.n_vocab - 1}: the checkpoint's "
+            f"tokenizer files (vocab.json/merges.txt) do not match its config (without them the bundled GPT-2 "
+            f"tokenizer is used)"
+        )
+    tokens = set(tokenizer.encoder.values())  # not range(n_vocab): a vocabulary may leave ids unused
+    eot = tokenizer.special_tokens.get("<|endoftext|>")
+    for name in ("eos_token_id", "bos_token_id"):
+        token = getattr(config, name)
+        if token not in tokens:
+            raise ValueError(
+                f"config.json's {name} {token} is not a token of the tokenizer ({tokenizer.n_vocab} ids"
+                f"{'' if eot is None else f', <|endoftext|> = {eot}'}): set {name} in config.json to one of its ids, "
+                f"or ship the tokenizer files (vocab.json/merges.txt) that match the config"
+            )
 
 
 def _natural(name: str):

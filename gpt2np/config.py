@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass
 
 # "gelu_new" is GPT-2's tanh approximation of GELU; transformers also calls it "gelu_pytorch_tanh".
 SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh")
+
+ENDOFTEXT_ID = 50256  # <|endoftext|> in GPT-2's vocabulary: the default eos_token_id and bos_token_id
 
 
 @dataclass(frozen=True)
@@ -26,25 +30,31 @@ class GPT2Config:
     scale_attn_weights: bool = True  # divide attention scores by sqrt(head size)
     scale_attn_by_inverse_layer_idx: bool = False  # and by (layer index + 1), as some checkpoints do
     tie_word_embeddings: bool = True  # the LM head is the token embedding `wte` (every GPT-2 checkpoint)
-    eos_token_id: int = 50256
-    bos_token_id: int = 50256
+    # The end-of-text and beginning-of-text ids. None (not given) means GPT-2's <|endoftext|>, 50256,
+    # or the last id of a vocabulary too small to hold it; after construction both are always ints.
+    eos_token_id: int | None = None
+    bos_token_id: int | None = None
 
     def __post_init__(self):
         for name in ("n_layer", "n_head", "n_embd", "n_ctx", "vocab_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"config: {name} must be a positive integer, got {value!r}")
+            _check_positive_int(name, getattr(self, name))
         if self.n_embd % self.n_head:
             raise ValueError(f"config: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
-        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
-            raise ValueError(f"config: n_inner must be a positive integer or null, got {self.n_inner!r}")
+        if self.n_inner is not None:
+            _check_positive_int("n_inner", self.n_inner, " or null")
         if self.activation_function not in SUPPORTED_ACTIVATIONS:
             raise ValueError(
                 f"config: activation_function {self.activation_function!r} is not supported; "
                 f"gpt2np implements {' / '.join(SUPPORTED_ACTIVATIONS)} (GPT-2's tanh GELU)"
             )
-        if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
-            raise ValueError(f"config: layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+        _check_epsilon(self.layer_norm_epsilon)
+        for name in ("scale_attn_weights", "scale_attn_by_inverse_layer_idx", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"config: {name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("eos_token_id", "bos_token_id"):
+            if getattr(self, name) is None:  # frozen: set the default through object.__setattr__
+                object.__setattr__(self, name, min(ENDOFTEXT_ID, self.vocab_size - 1))
+            _check_token_id(name, getattr(self, name), self.vocab_size)
 
     @property
     def head_size(self) -> int:
@@ -71,7 +81,7 @@ class GPT2Config:
             kwargs["n_ctx"] = d["n_positions"]
         for token in ("eos_token_id", "bos_token_id"):
             if isinstance(d.get(token), list):  # some configs list several; the first is the main one
-                kwargs[token] = d[token][0] if d[token] else cls.eos_token_id
+                kwargs[token] = d[token][0] if d[token] else None
         return cls(**kwargs)
 
     @classmethod
@@ -100,6 +110,24 @@ class GPT2Config:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
         return cls(**PRESETS[name])
+
+
+def _check_positive_int(name: str, value, alternative: str = "") -> None:
+    """bool is an int subclass, so `True` would pass as 1: reject it by name."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"config: {name} must be a positive integer{alternative}, got {value!r}")
+
+
+def _check_epsilon(value) -> None:
+    """Layer norm divides by sqrt(variance + epsilon): a finite number above zero (not nan, inf or a bool)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise ValueError(f"config: layer_norm_epsilon must be a finite number > 0 (GPT-2 uses 1e-5), got {value!r}")
+
+
+def _check_token_id(name: str, value, vocab_size: int) -> None:
+    """A token id indexes the embedding and the logits, so it must lie in [0, vocab_size)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < vocab_size:
+        raise ValueError(f"config: {name} must be an integer in [0, vocab_size={vocab_size}), got {value!r}")
 
 
 PRESETS: dict[str, dict] = {

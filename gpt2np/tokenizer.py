@@ -17,12 +17,14 @@ the hub's `vocab.json` + `merges.txt`).
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import numbers
 import os
 from collections.abc import Collection, Iterable, Sequence
 from importlib import resources
+from pathlib import Path
 from typing import AbstractSet, Literal
 
 import regex
@@ -39,8 +41,21 @@ ENDOFTEXT = "<|endoftext|>"
 # The lookahead is why "a   b" becomes ["a", "  ", " b"]: the space before a word stays with it.
 GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 
-# Words whose merged form is remembered; the cache is cleared when it grows past this size.
+# Words whose merged form is remembered. The cache is cleared when it passes either limit: entries, or
+# bytes (each word's UTF-8 bytes plus an 8-byte list slot per id). Prose and source code average about
+# 22 such bytes a word, so full of ordinary words the cache holds about 2 MB and the byte limit never
+# bites. Words longer than _CACHE_WORD_BYTES are never cached: text repeats short words, and a giant
+# word would hold its memory until the next clear.
 _CACHE_LIMIT = 100_000
+_CACHE_BYTES = 8 << 20
+_CACHE_WORD_BYTES = 256
+
+# sha256 of OpenAI's encoder.json and vocab.bpe (the hub's gpt2 vocab.json and merges.txt): the files
+# for which the whole-word shortcut is proven (see `Tokenizer._encode_word`).
+OPENAI_SHA256 = (
+    "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+    "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -61,6 +76,12 @@ def bytes_to_unicode() -> dict[int, str]:
             mapping[b] = chr(256 + shifted)
             shifted += 1
     return mapping
+
+
+def is_openai_vocabulary(vocab: str | os.PathLike, merges: str | os.PathLike) -> bool:
+    """Whether the two files are OpenAI's GPT-2 vocabulary, byte for byte (about 2 ms to hash)."""
+    digests = tuple(hashlib.sha256(Path(p).read_bytes()).hexdigest() for p in (vocab, merges))
+    return digests == OPENAI_SHA256
 
 
 def read_vocab(path: str | os.PathLike) -> dict[str, int]:
@@ -104,9 +125,13 @@ class Tokenizer:
         if encoder is None and merges is None:  # `Tokenizer()`: the bundled GPT-2 vocabulary
             folder = resources.files("gpt2np") / "vocab"
             with resources.as_file(folder / "encoder.json") as v, resources.as_file(folder / "vocab.bpe") as m:
-                encoder, merges = read_vocab(v), read_merges(m)
+                encoder, merges, proven = read_vocab(v), read_merges(m), is_openai_vocabulary(v, m)
         elif encoder is None or merges is None:
             raise ValueError("pass both encoder and merges, or neither for the bundled GPT-2 vocabulary")
+        else:
+            proven = False
+        # Whether a word that is a whole vocabulary entry may skip the merges (see `_encode_word`).
+        self._whole_word_shortcut = proven
         self.encoder = dict(encoder)
         self.bpe_ranks = {pair: rank for rank, pair in enumerate(merges)}
         byte_encoder = bytes_to_unicode()
@@ -124,12 +149,15 @@ class Tokenizer:
                 self._token_bytes[i] = token.translate(untranslate).encode("latin-1")
         self._pattern = regex.compile(GPT2_PATTERN)
         self._cache: dict[str, list[int]] = {}
+        self._cache_bytes = 0  # the cache's size as the limits above count it
 
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_files(cls, vocab: str | os.PathLike, merges: str | os.PathLike) -> "Tokenizer":
         """Load a GPT-2-style vocabulary: a JSON token -> id map and a merges file (one pair a line)."""
-        return cls(read_vocab(vocab), read_merges(merges))
+        tokenizer = cls(read_vocab(vocab), read_merges(merges))
+        tokenizer._whole_word_shortcut = is_openai_vocabulary(vocab, merges)
+        return tokenizer
 
     # ------------------------------------------------------------------ properties
     @property
@@ -191,22 +219,40 @@ class Tokenizer:
             text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
         words = self._pattern.findall(text)  # stage 1: pre-tokenise
         ids: list[int] = []
-        cache, encoder = self._cache, self.encoder
+        cache = self._cache
         for word in words:
             cached = cache.get(word)
             if cached is None:
-                # stage 2: UTF-8 bytes -> printable stand-ins ('Ġ' for a space, ...)
-                translated = word.encode("utf-8").decode("latin-1").translate(self._translate)
-                if translated in encoder:  # most words are one token: no merging needed
-                    cached = [encoder[translated]]
-                else:
-                    merged = self._merge(list(translated))  # stage 3: BPE merges
-                    cached = [encoder[symbol] for symbol in merged]
-                if len(cache) >= _CACHE_LIMIT:
-                    cache.clear()
-                cache[word] = cached
+                cached = self._encode_word(word)
             ids += cached
         return ids
+
+    def _encode_word(self, word: str) -> list[int]:
+        """Translate and merge one word (stages 2 and 3), and remember its ids if it is short.
+
+        Most words are a single vocabulary entry, and skipping their merges speeds up a cold encode.
+        That shortcut is BPE only if every entry's merges rebuild it. OpenAI's files are proven to
+        (tests/test_tokenizer.py checks all 50,256 entries) and are recognised by their sha256;
+        checking another vocabulary at load would cost about 0.35 s, so it always runs the merges.
+        With vocab {"a", "b", "ab"} and no merges, "ab" is then [a, b], as OpenAI's encoder.py gives.
+        """
+        # stage 2: UTF-8 bytes -> printable stand-ins ('Ġ' for a space, ...)
+        translated = word.encode("utf-8").decode("latin-1").translate(self._translate)
+        if self._whole_word_shortcut and translated in self.encoder:
+            ids = [self.encoder[translated]]
+        else:
+            ids = [self.encoder[symbol] for symbol in self._merge(list(translated))]  # stage 3: BPE merges
+        if len(translated) <= _CACHE_WORD_BYTES:
+            self._remember(word, ids, len(translated) + 8 * len(ids))
+        return ids
+
+    def _remember(self, word: str, ids: list[int], size: int) -> None:
+        """Cache a word's ids, first emptying the cache if it would pass its entry or byte limit."""
+        if len(self._cache) >= _CACHE_LIMIT or self._cache_bytes + size > _CACHE_BYTES:
+            self._cache.clear()
+            self._cache_bytes = 0
+        self._cache[word] = ids
+        self._cache_bytes += size
 
     def _merge(self, symbols: list[str]) -> list[str]:
         """Apply the BPE merges to one word's symbols, lowest rank first, leftmost first on ties.

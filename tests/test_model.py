@@ -10,7 +10,8 @@ import pytest
 
 from checkpoints import hf_logits, hf_reference, worst_relative_error, write_checkpoint
 from gpt2np import GPT2, GPT2Config
-from gpt2np.checkpoint import random_state_dict, save_checkpoint
+from gpt2np import Tokenizer
+from gpt2np.checkpoint import check_tokenizer, random_state_dict, save_checkpoint
 from gpt2np.model import attention, block, causal_mask, ffn, gelu, gpt2, layer_norm, linear, lm_head, mha, softmax
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-gpt2"
@@ -177,6 +178,79 @@ def test_config_validation_and_presets():
     assert (c.n_ctx, c.mlp_width, c.head_size) == (512, 256, 16)
     with pytest.raises(ValueError, match="model_type"):
         GPT2Config.from_dict({"model_type": "llama"})
+
+
+BAD_CONFIG_VALUES = [
+    ("eos_token_id", -7, r"eos_token_id must be an integer in \[0, vocab_size=50257\), got -7"),
+    ("bos_token_id", 10**9, r"bos_token_id must be an integer in \[0, vocab_size=50257\), got 1000000000"),
+    ("bos_token_id", "x", r"bos_token_id must be an integer .* got 'x'"),
+    ("eos_token_id", True, r"eos_token_id must be an integer .* got True"),
+    ("eos_token_id", 50256.0, r"eos_token_id must be an integer .* got 50256.0"),
+    ("eos_token_id", 50257, r"eos_token_id must be an integer in \[0, vocab_size=50257\)"),
+    ("layer_norm_epsilon", True, "layer_norm_epsilon must be a finite number > 0"),
+    ("layer_norm_epsilon", math.inf, "layer_norm_epsilon must be a finite number > 0 .* got inf"),
+    ("layer_norm_epsilon", math.nan, "layer_norm_epsilon must be a finite number > 0 .* got nan"),
+    ("layer_norm_epsilon", 0.0, "layer_norm_epsilon must be a finite number > 0"),
+    ("layer_norm_epsilon", -1e-5, "layer_norm_epsilon must be a finite number > 0"),
+    ("layer_norm_epsilon", "1e-5", "layer_norm_epsilon must be a finite number > 0"),
+    ("n_inner", True, "n_inner must be a positive integer or null, got True"),
+    ("n_layer", 2.0, "n_layer must be a positive integer, got 2.0"),
+    ("tie_word_embeddings", "false", "tie_word_embeddings must be true or false, got 'false'"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", BAD_CONFIG_VALUES)
+def test_config_rejects_bad_values(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        GPT2Config(**{field: value})
+    with pytest.raises(ValueError, match=message):  # config.json goes through the same checks
+        GPT2Config.from_dict({field: value})
+
+
+def test_config_token_ids_follow_the_vocabulary():
+    assert (GPT2Config().eos_token_id, GPT2Config().bos_token_id) == (50256, 50256)
+    assert GPT2Config(vocab_size=50304).eos_token_id == 50256  # a padded vocabulary keeps <|endoftext|>
+    small = GPT2Config(vocab_size=300)  # too small for 50256: its last id, so the embedding can look it up
+    assert (small.eos_token_id, small.bos_token_id) == (299, 299)
+    assert GPT2Config.from_dict({"vocab_size": 32, "eos_token_id": None}).eos_token_id == 31
+    assert GPT2Config.from_dict({"vocab_size": 32, "bos_token_id": [5, 6]}).bos_token_id == 5
+    assert GPT2Config(vocab_size=10, eos_token_id=0, bos_token_id=9, layer_norm_epsilon=1).layer_norm_epsilon == 1
+    assert GPT2Config.from_dict(small.to_dict()) == small
+    with pytest.raises(ValueError, match=r"eos_token_id must be an integer in \[0, vocab_size=1000\), got 50256"):
+        GPT2Config(vocab_size=1000, eos_token_id=50256)
+
+
+# ------------------------------------------------------------------------------- config against tokenizer
+@pytest.fixture(scope="module")
+def gpt2_tokenizer():
+    return Tokenizer()
+
+
+def test_check_tokenizer_accepts_matching_and_padded_vocabularies(gpt2_tokenizer):
+    check_tokenizer(GPT2Config(), gpt2_tokenizer)
+    check_tokenizer(GPT2Config(vocab_size=50304), gpt2_tokenizer)  # padded: the extra rows are never sampled
+    check_tokenizer(GPT2Config(vocab_size=50304, eos_token_id=198, bos_token_id=0), gpt2_tokenizer)
+    tiny = Tokenizer({"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}, [("a", "b")])
+    check_tokenizer(GPT2Config(vocab_size=4), tiny)
+
+
+def test_check_tokenizer_rejects_a_vocabulary_smaller_than_the_tokenizers(gpt2_tokenizer):
+    message = r"vocab_size 1000 but the tokenizer has 50257 tokens.*ids 1000\.\.50256.*vocab\.json/merges\.txt"
+    with pytest.raises(ValueError, match=message):
+        check_tokenizer(GPT2Config(vocab_size=1000), gpt2_tokenizer)
+    with pytest.raises(ValueError, match="vocab_size 50256 but the tokenizer has 50257"):
+        check_tokenizer(GPT2Config(vocab_size=50256, eos_token_id=0, bos_token_id=0), gpt2_tokenizer)
+
+
+def test_check_tokenizer_rejects_eos_and_bos_the_tokenizer_cannot_decode(gpt2_tokenizer):
+    message = r"eos_token_id 50269 is not a token of the tokenizer \(50257 ids, <\|endoftext\|> = 50256\)"
+    with pytest.raises(ValueError, match=message):
+        check_tokenizer(GPT2Config(vocab_size=50304, eos_token_id=50269), gpt2_tokenizer)
+    with pytest.raises(ValueError, match="bos_token_id 50300 is not a token"):
+        check_tokenizer(GPT2Config(vocab_size=50304, bos_token_id=50300), gpt2_tokenizer)
+    holes = Tokenizer({"a": 0, "b": 1, "<|endoftext|>": 3}, [])  # id 2 is unused: it decodes to nothing
+    with pytest.raises(ValueError, match=r"eos_token_id 2 is not a token of the tokenizer \(4 ids"):
+        check_tokenizer(GPT2Config(vocab_size=4, eos_token_id=2), holes)
 
 
 # ------------------------------------------------------------------------------- bad files

@@ -189,3 +189,68 @@ def test_from_files_errors_name_the_file(tmp_path):
         Tokenizer.from_files(VOCAB / "encoder.json", tmp_path / "merges.txt")
     with pytest.raises(ValueError, match="missing"):
         Tokenizer.from_files(tmp_path / "missing.json", VOCAB / "vocab.bpe")
+
+
+# ------------------------------------------------------------------------------- the whole-word shortcut
+TINY_VOCAB = {"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}
+
+
+def test_every_bundled_entry_merges_to_itself(tok):
+    """The proof behind the whole-word shortcut: with OpenAI's files, BPE turns each entry into itself."""
+    unreachable = [t for t in tok.encoder if t not in tok.special_tokens and tok._merge(list(t)) != [t]]
+    assert unreachable == []
+    assert tok._whole_word_shortcut
+
+
+def test_custom_vocabulary_runs_the_merges(tmp_path):
+    """"ab" is an entry, but no merge builds it: BPE (OpenAI's encoder.py, HF's tokenizer) gives [a, b]."""
+    (tmp_path / "vocab.json").write_text(json.dumps(TINY_VOCAB))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    tiny = Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    assert tiny.encode("ab") == [0, 1]
+    assert tiny.encode("ab") == [0, 1]  # from the cache
+    assert Tokenizer(TINY_VOCAB, []).encode("abab") == [0, 1, 0, 1]
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    assert Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt").encode("ab") == [2]
+
+
+def test_shortcut_needs_openais_files_byte_for_byte(tmp_path):
+    shutil.copy(VOCAB / "encoder.json", tmp_path / "vocab.json")
+    shutil.copy(VOCAB / "vocab.bpe", tmp_path / "merges.txt")
+    assert Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")._whole_word_shortcut
+    with open(tmp_path / "merges.txt", "a") as f:
+        f.write("\n")  # the same merges, other bytes: not proven, so the merges run
+    other = Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")
+    assert not other._whole_word_shortcut
+    text = stdlib_prose()[:5_000]
+    assert other.encode(text) == Tokenizer().encode(text)
+
+
+# ------------------------------------------------------------------------------- the word cache
+def cache_size(tokenizer: Tokenizer) -> int:
+    """The cache's size as its byte limit counts it, recomputed from its contents."""
+    return sum(len(word.encode()) + 8 * len(ids) for word, ids in tokenizer._cache.items())
+
+
+def test_cache_stays_under_its_byte_limit_with_giant_words():
+    from gpt2np import tokenizer as module
+
+    tiny = Tokenizer(TINY_VOCAB, [])  # no merges: a 100 KB word encodes in milliseconds
+    for i in range(100):  # 10 MB of distinct words
+        word = format(i, "07b").replace("0", "a").replace("1", "b") + "a" * 100_000
+        assert tiny.encode(word)[:7] == [int(bit) for bit in format(i, "07b")]
+    assert cache_size(tiny) < 900_000  # less than one of the words: each is 100 KB + 800 KB of id slots
+    assert cache_size(tiny) == tiny._cache_bytes <= module._CACHE_BYTES
+
+
+def test_cache_clears_at_its_byte_limit(monkeypatch, tok):
+    from gpt2np import tokenizer as module
+
+    monkeypatch.setattr(module, "_CACHE_BYTES", 2_000)
+    fresh = Tokenizer()
+    words = [f" word{i}" for i in range(1_000)]
+    for word in words:
+        fresh.encode(word)
+        assert cache_size(fresh) == fresh._cache_bytes <= 2_000
+    assert 0 < len(fresh._cache) < 1_000
+    assert [fresh.encode(w) for w in words] == [tok.encode(w) for w in words]

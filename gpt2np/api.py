@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from . import engine
-from .checkpoint import CONFIG_NAME, load_state_dict, random_state_dict, unflatten
+from .checkpoint import CONFIG_NAME, check_tokenizer, load_state_dict, random_state_dict, unflatten
 from .config import GPT2Config
 from .generation import check_prompts, generate_ids, generate_text, stream_text
 from .sampling import GenerationOptions, row_generators
@@ -60,6 +60,7 @@ class GPT2:
         params = unflatten(load_state_dict(folder, config))
         vocab, merges = folder / "vocab.json", folder / "merges.txt"
         tokenizer = Tokenizer.from_files(vocab, merges) if vocab.is_file() and merges.is_file() else Tokenizer()
+        check_tokenizer(config, tokenizer)  # a mismatch fails here, not in the middle of a generation
         return cls(config, params, tokenizer, name=str(name_or_path))
 
     @classmethod

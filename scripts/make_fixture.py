@@ -16,6 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 from gpt2np import GPT2Config  # noqa: E402
 from gpt2np.checkpoint import random_state_dict, save_checkpoint  # noqa: E402
+from tests.checkpoints import write_tokenizer  # noqa: E402
 
 FOLDER = ROOT / "tests" / "fixtures" / "tiny-gpt2"
 
@@ -26,6 +27,7 @@ def main() -> None:
 
     config = GPT2Config(n_layer=2, n_head=4, n_embd=32, n_ctx=32, vocab_size=1000)
     save_checkpoint(FOLDER, config, random_state_dict(config, seed=7, std=0.1))
+    write_tokenizer(FOLDER, config.vocab_size)  # the checkpoint's own 1000-token tokenizer
     ids = np.random.default_rng(7).integers(0, config.vocab_size, size=(2, config.n_ctx))
     model = GPT2LMHeadModel.from_pretrained(FOLDER, dtype=torch.float32).eval()
     with torch.no_grad():

@@ -51,7 +51,28 @@ def write_checkpoint(folder, config: GPT2Config, *, layout="openai", seed=0, std
     if shard_count > 1:
         index = {"metadata": {}, "weight_map": {k: f for f, shard in zip(files, shards) for k in shard}}
         (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    if config.vocab_size < 50257:
+        write_tokenizer(folder, config.vocab_size)
     return folder
+
+
+GPT2_VOCAB = Path(__file__).resolve().parents[1] / "gpt2np" / "vocab"
+
+
+def write_tokenizer(folder, vocab_size: int) -> None:
+    """vocab.json and merges.txt for a checkpoint whose vocabulary is smaller than GPT-2's, so that
+    its config and tokenizer agree (gpt2np refuses a checkpoint whose tokenizer has ids the model
+    cannot score). GPT-2's own files cut down: its first vocab_size - 1 ids, which are the 256 byte
+    symbols and then one token per merge in rank order (a real BPE, the first merges), and
+    <|endoftext|> last, at vocab_size - 1 (a small config's default eos and bos)."""
+    folder = Path(folder)
+    encoder = json.loads((GPT2_VOCAB / "encoder.json").read_text(encoding="utf-8"))
+    vocab = {token: i for token, i in encoder.items() if i < vocab_size - 1}
+    vocab["<|endoftext|>"] = vocab_size - 1
+    lines = (GPT2_VOCAB / "vocab.bpe").read_text(encoding="utf-8").split("\n")
+    merges = lines[1 : 1 + max(0, vocab_size - 1 - 256)]  # merge r makes token 256 + r
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    (folder / "merges.txt").write_text("\n".join([lines[0], *merges]) + "\n", encoding="utf-8")
 
 
 def relabel_dtype(path: Path, old: str, new: str) -> None:

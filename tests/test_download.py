@@ -35,7 +35,7 @@ def fake(monkeypatch):
 
 
 def hub_url(path: str = PATH) -> str:
-    return evaluate._hub_dataset_url("EleutherAI/lambada_openai", "main", path)
+    return evaluate.data._hub_dataset_url("EleutherAI/lambada_openai", "main", path)
 
 
 def source(*urls: str) -> evaluate.DataSource:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from checkpoints import hf_logits, hf_reference, worst_relative_error, write_checkpoint
+from checkpoints import hf_logits, hf_reference, worst_relative_error, write_checkpoint, write_tokenizer
 from gpt2np import GPT2, GPT2Config
 from gpt2np import Tokenizer
 from gpt2np.checkpoint import check_tokenizer, random_state_dict, save_checkpoint
@@ -352,18 +352,30 @@ def test_sharded_index_naming_a_missing_shard(tmp_path):
         GPT2.from_pretrained(folder)
 
 
-def test_bundled_tokenizer_is_the_fallback_and_folder_tokenizer_wins(folder):
-    assert GPT2.from_pretrained(folder).tokenizer.n_vocab == 50257
-    (folder / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}))
-    (folder / "merges.txt").write_text("#version: 0.2\na b\n")
-    tok = GPT2.from_pretrained(folder).tokenizer
+def test_bundled_tokenizer_is_the_fallback_and_folder_tokenizer_wins(tmp_path):
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=8, n_ctx=16, vocab_size=50257)
+    save_checkpoint(tmp_path, config, random_state_dict(config))
+    assert GPT2.from_pretrained(tmp_path).tokenizer.n_vocab == 50257
+    (tmp_path / "vocab.json").write_text(json.dumps({"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}))
+    (tmp_path / "merges.txt").write_text("#version: 0.2\na b\n")
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict() | {"eos_token_id": 3, "bos_token_id": 3}))
+    tok = GPT2.from_pretrained(tmp_path).tokenizer
     assert tok.encode("ab") == [2] and tok.eot_token == 3
+
+
+def test_a_tokenizer_the_model_cannot_serve_fails_at_load(tmp_path):
+    """A vocab_size below the tokenizer's (here the bundled 50257) fails at load, naming both numbers."""
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=8, n_ctx=16, vocab_size=1000)
+    save_checkpoint(tmp_path, config, random_state_dict(config))
+    with pytest.raises(ValueError, match=r"vocab_size 1000 but the tokenizer has 50257 tokens"):
+        GPT2.from_pretrained(tmp_path)
 
 
 def test_save_and_load_round_trip(tmp_path):
     config = GPT2Config(n_layer=1, n_head=2, n_embd=8, n_ctx=8, vocab_size=20)
     state = random_state_dict(config, seed=5)
     save_checkpoint(tmp_path, config, state)
+    write_tokenizer(tmp_path, config.vocab_size)
     model = GPT2.from_pretrained(tmp_path)
     np.testing.assert_array_equal(model.params["h"][0]["mlp"]["c_proj"]["weight"], state["h.0.mlp.c_proj.weight"])
     assert model.config == config

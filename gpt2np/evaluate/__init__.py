@@ -6,7 +6,7 @@ window is and how far it moves, whether the text is detokenized first, whether a
 the whole last word or only its last token, whether an <|endoftext|> starts the text. Here each
 choice is a keyword argument, echoed in the results, and described in docs/evaluation.md.
 
-Three kinds of task:
+Four kinds of task:
 
 - perplexity (WikiText, PTB, enwik8, text8): the text is tokenized once and scored by a sliding
   window (`sliding_windows`): every token but the first is predicted exactly once, from up to
@@ -14,7 +14,9 @@ Three kinds of task:
 - LAMBADA: the last word of a passage, `" " + word`, must be predicted greedily, every one of its
   tokens (`lambada`);
 - cloze (CBT): each candidate completes the sentence; the completion with the highest
-  log-likelihood wins (`multiple_choice`, `cbt`).
+  log-likelihood wins (`multiple_choice`, `cbt`);
+- separate lines (One Billion Word): each line is its own document after <|endoftext|>
+  (`line_perplexity`).
 
 The package:
 
@@ -33,6 +35,7 @@ from .data import (
     LAMBADA_SOURCE,
     ClozeExample,
     DataSource,
+    billion_word_detokenize,
     cbt_detokenize,
     dataset_cache_dir,
     detokenize,
@@ -52,9 +55,11 @@ from .scoring import (
     cloze_choices,
     count_words,
     lambada,
+    line_perplexity,
     multiple_choice,
     perplexity,
     score_continuations,
+    score_lines,
     score_tokens,
     sliding_windows,
     split_last_word,
@@ -69,4 +74,5 @@ __all__ = [
     "lambada", "main", "multiple_choice", "no_detokenize", "perplexity", "ptb_detokenize", "read_cbt",
     "read_char_test", "read_lambada", "read_text", "score_continuations", "score_tokens",
     "sliding_windows", "split_last_word", "target_log_probs", "wikitext_detokenize",
+    "billion_word_detokenize", "line_perplexity", "score_lines",
 ]

@@ -29,16 +29,18 @@ def format_table(report: dict, *, model: str = "") -> str:
             value = "n/a (--limit)" if metrics.get("limit") else "n/a"
         else:
             value = f"{100 * measured:.2f}" if percent else f"{measured:.2f}" if measured >= 10 else f"{measured:.4f}"
-        rows.append((spec.name, shown, f"{100 * card:.2f}" if percent else f"{card:.2f}", value))
+        published = "-" if card is None else f"{100 * card:.2f}" if percent else f"{card:.2f}"
+        rows.append((spec.name, shown, published, value))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     method = ", ".join(f"{k}={v}" for k, v in metrics.items() if k in _METHOD_KEYS and v is not None)
-    counts = ", ".join(f"{k}={v}" for k, v in metrics.items() if k in ("tokens", "examples", "words", "bytes"))
-    footer = [f"model: {model}" if model else "", f"data: {report['data']}", f"method: {method}", f"scored: {counts}"]
+    counts = ", ".join(f"{k}={v}" for k, v in metrics.items() if k in ("tokens", "examples", "lines", "words", "bytes"))
+    footer = [f"model: {model}" if model else "", f"data: {report['data']}", f"method: {method}",
+              f"method: {spec.note}" if spec.note else "", f"scored: {counts}"]
     return "\n".join(lines + [line for line in footer if line])
 
 
-_METHOD_KEYS = ("max_length", "stride", "prepend_eot", "detokenizer", "limit")
+_METHOD_KEYS = ("max_length", "stride", "prepend_eot", "eos", "detokenizer", "limit")
 
 
 def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
@@ -60,7 +62,8 @@ def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
     parser.add_argument("--stride", type=int, help="how far the window moves (default: min(512, max length))")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"windows or sequences per forward pass (default: {DEFAULT_BATCH_SIZE})")  # fmt: skip
-    parser.add_argument("--limit", type=int, help="score only the first N examples (LAMBADA, CBT) or tokens (others)")
+    parser.add_argument("--limit", type=int, help="score only the first N examples (LAMBADA, CBT), lines (1bw) "
+                        "or tokens (others)")
     parser.add_argument("--prepend-eot", action="store_true", help="start every text with <|endoftext|> (default: no)")
     parser.add_argument("--detokenizer", choices=list(DETOKENIZERS), help="override the task's detokenizer")
     parser.add_argument("--cache-dir", help="where downloaded test files go (default: ~/.cache/gpt2np/datasets)")

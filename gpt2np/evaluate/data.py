@@ -93,6 +93,30 @@ def cbt_detokenize(text: str) -> str:
     return _apply(text, _CBT_RULES)
 
 
+# One Billion Word went through the WMT11 tokenizer script (Moses' tokenizer.perl): punctuation is
+# split off ("said ." "5 %" "$ 3" "( AP )"), including ":" and "/" inside times and URLs
+# ("10 : 30", "http : / / "), and an apostrophe between letters starts a token ("it 's",
+# "don 't"). Numbers keep their "." and ",". Rules, in order:
+_BILLION_WORD_RULES = (
+    (r"(?<=\d) : (?=\d)", ":"),  # times: "10 : 30"
+    (r"\b(https?) : / / ", r"\1://"),  # URLs
+    (r" / ", "/"),  # "24 / 7", "and / or"
+    (r" (n't|'[A-Za-z])", r"\1"),  # contractions: "it 's", "don 't", "they 've" (and "do n't")
+    (r" ([.,;:!?%)\]}])", r"\1"),  # no space before closing punctuation
+    (r"([(\[{$#\N{POUND SIGN}\N{EURO SIGN}]) ", r"\1"),  # nor after an opening bracket or a currency sign
+    (r"\"\s*([^\"]*?)\s*\"", r'"\1"'),  # double quotes, paired left to right: '" Yes , " he said'
+)
+
+
+def billion_word_detokenize(text: str) -> str:
+    """One Billion Word -> plain text, line by line: contractions rejoined (`"it 's"` -> `"it's"`,
+    `"don 't"` -> `"don't"`), no space before `. , ; : ! ? % ) ] }` nor after `( [ { $ # £ €`,
+    `"10 : 30"` -> `"10:30"`, `"http : / / "` -> `"http://"`, `" / "` -> `"/"`, double quotes paired
+    (`'" Yes , " he said .'` -> `'"Yes," he said.'`). Single quotes are left spaced: in the
+    tokenized text a quoting `'` cannot be told from a plural possessive (`"players ' union"`)."""
+    return "\n".join(_apply(line.strip(), _BILLION_WORD_RULES, regex=True) for line in text.split("\n"))
+
+
 def no_detokenize(text: str) -> str:
     """The text as it is."""
     return text
@@ -103,11 +127,12 @@ DETOKENIZERS: dict[str, Callable[[str], str]] = {
     "wikitext": wikitext_detokenize,
     "ptb": ptb_detokenize,
     "cbt": cbt_detokenize,
+    "1bw": billion_word_detokenize,
 }
 
 
 def detokenize(text: str, *, style: str) -> str:
-    """Apply one of `DETOKENIZERS` ("none", "wikitext", "ptb", "cbt")."""
+    """Apply one of `DETOKENIZERS` ("none", "wikitext", "ptb", "cbt", "1bw")."""
     return DETOKENIZERS[_check_detokenizer(style)](text)
 
 

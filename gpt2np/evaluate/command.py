@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from .data import DETOKENIZERS
 from .scoring import DEFAULT_BATCH_SIZE
+from .summaries import format_summary_table
 from .tasks import TASKS, evaluate_task
 
 # --------------------------------------------------------------------------------------------
@@ -19,6 +20,8 @@ from .tasks import TASKS, evaluate_task
 def format_table(report: dict, *, model: str = "") -> str:
     """The model card's figures next to the measured ones, one row per metric."""
     spec = TASKS[report["task"]]
+    if spec.kind == "summaries":
+        return format_summary_table(report, model=model)
     metrics = report["metrics"]
     rows = [("task", "metric", "model card", "measured")]
     for key, label, card in spec.card:
@@ -46,6 +49,7 @@ _METHOD_KEYS = ("max_length", "stride", "prepend_eot", "eos", "detokenizer", "li
 def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
     from ..cli import (
         ArgumentParser,  # a bad flag is a one-line UsageError, as in every gpt2np command
+        stop_text,
     )
 
     parser = ArgumentParser(
@@ -61,13 +65,21 @@ def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, help="window length for perplexity tasks (default: the model's context)")
     parser.add_argument("--stride", type=int, help="how far the window moves (default: min(512, max length))")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help=f"windows or sequences per forward pass (default: {DEFAULT_BATCH_SIZE})")  # fmt: skip
-    parser.add_argument("--limit", type=int, help="score only the first N examples (LAMBADA, CBT), lines (1bw) "
-                        "or tokens (others)")
+                        help=f"windows, sequences or articles per batch (default: {DEFAULT_BATCH_SIZE})")  # fmt: skip
+    parser.add_argument("--limit", type=int, help="score only the first N examples (LAMBADA, CBT), lines (1bw), "
+                        "articles (cnn_dailymail) or tokens (others)")
     parser.add_argument("--prepend-eot", action="store_true", help="start every text with <|endoftext|> (default: no)")
     parser.add_argument("--detokenizer", choices=list(DETOKENIZERS), help="override the task's detokenizer")
     parser.add_argument("--cache-dir", help="where downloaded test files go (default: ~/.cache/gpt2np/datasets)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    summaries = parser.add_argument_group("cnn_dailymail (defaults: the GPT-2 paper's method)")
+    summaries.add_argument("--seed", type=int, default=0,
+                           help="article i samples from this seed's i-th child (default: 0)")
+    summaries.add_argument("--suffix", type=stop_text,
+                           help="text after each article (default: '\\nTL;DR:'; \\n is understood)")
+    summaries.add_argument("--max-new-tokens", type=int, help="tokens generated per article (default: 100)")
+    summaries.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (default: 2)")
+    summaries.add_argument("--sentences", type=int, help="sentences of the output kept as the summary (default: 3)")
     return parser
 
 
@@ -82,6 +94,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "gpt2np eval") -> int
             model, args.task, data=args.data, max_length=args.max_length, stride=args.stride,
             batch_size=args.batch_size, limit=args.limit, prepend_eot=args.prepend_eot,
             detokenizer=args.detokenizer, cache_dir=args.cache_dir, progress=not args.quiet,
+            seed=args.seed, suffix=args.suffix, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+            sentences=args.sentences,
         )  # fmt: skip
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0

@@ -15,6 +15,7 @@ from .data import (
     download,
     read_cbt,
     read_char_test,
+    read_cnn_dailymail,
     read_lambada,
     read_text,
 )
@@ -27,6 +28,7 @@ from .scoring import (
     line_perplexity,
     perplexity,
 )
+from .summaries import PAPER_FIGURES, summarize
 
 # --------------------------------------------------------------------------------------------
 # Tasks: the model card's table
@@ -40,7 +42,7 @@ class Task:
     none); accuracies are fractions. `note` states the method in the command's output."""
 
     name: str
-    kind: str  # "perplexity", "lambada", "cbt" or "lines" (1BW)
+    kind: str  # "perplexity", "lambada", "cbt", "lines" (1BW) or "summaries" (CNN/DailyMail)
     card: tuple[tuple[str, str, float | None], ...]
     detokenizer: str = "none"
     word_units: bool = False  # report ppl_word in canonical units (words + one <eos> a line)
@@ -78,18 +80,26 @@ TASKS["1bw"] = Task(
     note="each line scored alone as <|endoftext|> + line + <|endoftext|> (the closing one for </S>); "
          "ppl_word = exp(total nll / (words + one </S> a line)), words counted in the tokenized file",
 )
+TASKS["cnn_dailymail"] = Task(
+    "cnn_dailymail", "summaries", (),
+    data_hint="the cnn_dailymail 3.0.0 test split as JSON lines or CSV with 'article' and 'highlights' fields",
+)
 
 
 def evaluate_task(model, task: str, *, data: str | os.PathLike | None = None, max_length: int | None = None,
                   stride: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
                   prepend_eot: bool = False, detokenizer: str | None = None, cache_dir=None,
-                  progress: bool = True) -> dict:  # fmt: skip
+                  progress: bool = True, seed: int | None = 0, **summary_options) -> dict:  # fmt: skip
     """Run one task of the model card's table on a data file (or LAMBADA's checked download).
 
     Returns `{"task", "data", "metrics", "model_card"}`: `metrics` is the result of `perplexity`,
-    `lambada`, `cbt` or `line_perplexity` (1BW); `model_card` the published figures under the same
-    keys. `stride` defaults to min(512, max_length); `detokenizer` to the task's own; `limit` keeps
-    the first `limit` examples (LAMBADA, CBT), lines (1BW) or tokens (perplexity tasks).
+    `lambada`, `cbt`, `line_perplexity` (1BW) or `summarize` (CNN/DailyMail); `model_card` the
+    published figures under the same keys. `stride` defaults to min(512, max_length); `detokenizer`
+    to the task's own; `limit` keeps the first `limit` examples (LAMBADA, CBT), lines (1BW),
+    articles (CNN/DailyMail) or tokens (perplexity tasks). CNN/DailyMail adds `paper` (the GPT-2
+    paper's figures) and `articles` (each summary and its scores); `seed` and `summary_options`
+    (suffix, max_new_tokens, top_k, temperature, sentences, truncation; None for the default) go
+    to `summarize`.
     """
     spec = _task(task)
     detokenizer = _check_detokenizer(spec.detokenizer if detokenizer is None else detokenizer)
@@ -97,6 +107,14 @@ def evaluate_task(model, task: str, *, data: str | os.PathLike | None = None, ma
         _check_limit(limit)
     path = Path(data) if data is not None else _download_for(spec, cache_dir=cache_dir, progress=progress)
     report = {"task": spec.name, "data": os.fspath(path)}
+    options = {key: value for key, value in summary_options.items() if value is not None}
+    if spec.kind == "summaries":
+        metrics = summarize(model, read_cnn_dailymail(path)[:limit], seed=seed, batch_size=batch_size,
+                            progress=progress, **options)
+        articles = metrics.pop("articles")
+        return report | {"metrics": metrics, "model_card": {}, "paper": PAPER_FIGURES, "articles": articles}
+    if options:
+        raise ValueError(f"{', '.join(options)}: options of the cnn_dailymail task only")
     if spec.kind == "lambada":
         passages = [detokenize(passage, style=detokenizer) for passage in read_lambada(path)[:limit]]
         metrics = lambada(model, passages, prepend_eot=prepend_eot, batch_size=batch_size, progress=progress)

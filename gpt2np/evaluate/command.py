@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from .data import DETOKENIZERS
 from .scoring import DEFAULT_BATCH_SIZE
+from .summaries import format_summary_table
 from .tasks import TASKS, evaluate_task
 
 # --------------------------------------------------------------------------------------------
@@ -19,6 +20,8 @@ from .tasks import TASKS, evaluate_task
 def format_table(report: dict, *, model: str = "") -> str:
     """The model card's figures next to the measured ones, one row per metric."""
     spec = TASKS[report["task"]]
+    if spec.kind == "summaries":
+        return format_summary_table(report, model=model)
     metrics = report["metrics"]
     rows = [("task", "metric", "model card", "measured")]
     for key, label, card in spec.card:
@@ -29,21 +32,24 @@ def format_table(report: dict, *, model: str = "") -> str:
             value = "n/a (--limit)" if metrics.get("limit") else "n/a"
         else:
             value = f"{100 * measured:.2f}" if percent else f"{measured:.2f}" if measured >= 10 else f"{measured:.4f}"
-        rows.append((spec.name, shown, f"{100 * card:.2f}" if percent else f"{card:.2f}", value))
+        published = "-" if card is None else f"{100 * card:.2f}" if percent else f"{card:.2f}"
+        rows.append((spec.name, shown, published, value))
     widths = [max(len(row[i]) for row in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     method = ", ".join(f"{k}={v}" for k, v in metrics.items() if k in _METHOD_KEYS and v is not None)
-    counts = ", ".join(f"{k}={v}" for k, v in metrics.items() if k in ("tokens", "examples", "words", "bytes"))
-    footer = [f"model: {model}" if model else "", f"data: {report['data']}", f"method: {method}", f"scored: {counts}"]
+    counts = ", ".join(f"{k}={v}" for k, v in metrics.items() if k in ("tokens", "examples", "lines", "words", "bytes"))
+    footer = [f"model: {model}" if model else "", f"data: {report['data']}", f"method: {method}",
+              f"method: {spec.note}" if spec.note else "", f"scored: {counts}"]
     return "\n".join(lines + [line for line in footer if line])
 
 
-_METHOD_KEYS = ("max_length", "stride", "prepend_eot", "detokenizer", "limit")
+_METHOD_KEYS = ("max_length", "stride", "prepend_eot", "eos", "detokenizer", "limit")
 
 
 def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
     from ..cli import (
         ArgumentParser,  # a bad flag is a one-line UsageError, as in every gpt2np command
+        stop_text,
     )
 
     parser = ArgumentParser(
@@ -59,12 +65,21 @@ def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
     parser.add_argument("--max-length", type=int, help="window length for perplexity tasks (default: the model's context)")
     parser.add_argument("--stride", type=int, help="how far the window moves (default: min(512, max length))")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
-                        help=f"windows or sequences per forward pass (default: {DEFAULT_BATCH_SIZE})")  # fmt: skip
-    parser.add_argument("--limit", type=int, help="score only the first N examples (LAMBADA, CBT) or tokens (others)")
+                        help=f"windows, sequences or articles per batch (default: {DEFAULT_BATCH_SIZE})")  # fmt: skip
+    parser.add_argument("--limit", type=int, help="score only the first N examples (LAMBADA, CBT), lines (1bw), "
+                        "articles (cnn_dailymail) or tokens (others)")
     parser.add_argument("--prepend-eot", action="store_true", help="start every text with <|endoftext|> (default: no)")
     parser.add_argument("--detokenizer", choices=list(DETOKENIZERS), help="override the task's detokenizer")
     parser.add_argument("--cache-dir", help="where downloaded test files go (default: ~/.cache/gpt2np/datasets)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    summaries = parser.add_argument_group("cnn_dailymail (defaults: the GPT-2 paper's method)")
+    summaries.add_argument("--seed", type=int, default=0,
+                           help="article i samples from this seed's i-th child (default: 0)")
+    summaries.add_argument("--suffix", type=stop_text,
+                           help="text after each article (default: '\\nTL;DR:'; \\n is understood)")
+    summaries.add_argument("--max-new-tokens", type=int, help="tokens generated per article (default: 100)")
+    summaries.add_argument("--top-k", type=int, help="sample from the k likeliest tokens (default: 2)")
+    summaries.add_argument("--sentences", type=int, help="sentences of the output kept as the summary (default: 3)")
     return parser
 
 
@@ -79,6 +94,8 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "gpt2np eval") -> int
             model, args.task, data=args.data, max_length=args.max_length, stride=args.stride,
             batch_size=args.batch_size, limit=args.limit, prepend_eot=args.prepend_eot,
             detokenizer=args.detokenizer, cache_dir=args.cache_dir, progress=not args.quiet,
+            seed=args.seed, suffix=args.suffix, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
+            sentences=args.sentences,
         )  # fmt: skip
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0

@@ -3,12 +3,15 @@ fetching the one file gpt2np can pin by checksum (LAMBADA) through gpt2np.downlo
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..download import cached_download, endpoint
 
@@ -93,6 +96,30 @@ def cbt_detokenize(text: str) -> str:
     return _apply(text, _CBT_RULES)
 
 
+# One Billion Word went through the WMT11 tokenizer script (Moses' tokenizer.perl): punctuation is
+# split off ("said ." "5 %" "$ 3" "( AP )"), including ":" and "/" inside times and URLs
+# ("10 : 30", "http : / / "), and an apostrophe between letters starts a token ("it 's",
+# "don 't"). Numbers keep their "." and ",". Rules, in order:
+_BILLION_WORD_RULES = (
+    (r"(?<=\d) : (?=\d)", ":"),  # times: "10 : 30"
+    (r"\b(https?) : / / ", r"\1://"),  # URLs
+    (r" / ", "/"),  # "24 / 7", "and / or"
+    (r" (n't|'[A-Za-z])", r"\1"),  # contractions: "it 's", "don 't", "they 've" (and "do n't")
+    (r" ([.,;:!?%)\]}])", r"\1"),  # no space before closing punctuation
+    (r"([(\[{$#\N{POUND SIGN}\N{EURO SIGN}]) ", r"\1"),  # nor after an opening bracket or a currency sign
+    (r"\"\s*([^\"]*?)\s*\"", r'"\1"'),  # double quotes, paired left to right: '" Yes , " he said'
+)
+
+
+def billion_word_detokenize(text: str) -> str:
+    """One Billion Word -> plain text, line by line: contractions rejoined (`"it 's"` -> `"it's"`,
+    `"don 't"` -> `"don't"`), no space before `. , ; : ! ? % ) ] }` nor after `( [ { $ # £ €`,
+    `"10 : 30"` -> `"10:30"`, `"http : / / "` -> `"http://"`, `" / "` -> `"/"`, double quotes paired
+    (`'" Yes , " he said .'` -> `'"Yes," he said.'`). Single quotes are left spaced: in the
+    tokenized text a quoting `'` cannot be told from a plural possessive (`"players ' union"`)."""
+    return "\n".join(_apply(line.strip(), _BILLION_WORD_RULES, regex=True) for line in text.split("\n"))
+
+
 def no_detokenize(text: str) -> str:
     """The text as it is."""
     return text
@@ -103,11 +130,12 @@ DETOKENIZERS: dict[str, Callable[[str], str]] = {
     "wikitext": wikitext_detokenize,
     "ptb": ptb_detokenize,
     "cbt": cbt_detokenize,
+    "1bw": billion_word_detokenize,
 }
 
 
 def detokenize(text: str, *, style: str) -> str:
-    """Apply one of `DETOKENIZERS` ("none", "wikitext", "ptb", "cbt")."""
+    """Apply one of `DETOKENIZERS` ("none", "wikitext", "ptb", "cbt", "1bw")."""
     return DETOKENIZERS[_check_detokenizer(style)](text)
 
 
@@ -204,6 +232,72 @@ def read_char_test(path: str | os.PathLike, *, what: str) -> str:
         while data and data[0] & 0xC0 == 0x80:  # a UTF-8 continuation byte
             data = data[1:]
     return data.decode("utf-8", errors="replace")
+
+
+class SummaryExample(NamedTuple):
+    """One CNN/DailyMail test article and its reference summary: the highlights, one sentence a
+    line, as the hub dataset cnn_dailymail 3.0.0 stores them."""
+
+    article: str
+    highlights: str
+
+
+SUMMARY_FIELDS = ("article", "highlights")
+_SUMMARY_FILE = ("CNN/DailyMail test file (JSON lines or CSV with 'article' and 'highlights' fields, "
+                 "the columns of the hub dataset cnn_dailymail 3.0.0)")
+
+
+def read_cnn_dailymail(path: str | os.PathLike) -> list[SummaryExample]:
+    """CNN/DailyMail articles and highlights from JSON lines (one object a line) or CSV (a header
+    row), with the fields `article` and `highlights`; other fields (`id`) are ignored. The format
+    is told by the first character: `{` is JSON lines, anything else CSV."""
+    text = read_text(path, what=_SUMMARY_FILE).removeprefix("\N{BYTE ORDER MARK}")
+    where = os.fspath(path)
+    rows = _json_rows(text, where) if text.lstrip().startswith("{") else _csv_rows(text, where)
+    return [_summary_example(record, f"{where} {place}") for place, record in rows]
+
+
+def _json_rows(text: str, where: str) -> list[tuple[str, dict]]:
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            raise ValueError(f"{where} line {n}: expected a JSON object with 'article' and 'highlights' fields, "
+                             f"got {line[:60]!r}") from None
+        rows.append((f"line {n}", record))
+    return rows
+
+
+def _csv_rows(text: str, where: str) -> list[tuple[str, dict]]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+        missing = [field for field in SUMMARY_FIELDS if field not in header]
+        if missing:
+            raise ValueError(f"{where}: the CSV header has {', '.join(map(repr, header)) or 'no columns'}; "
+                             f"expected the columns 'article' and 'highlights' (the {_SUMMARY_FILE})")
+        rows = [(f"row {n}", record) for n, record in enumerate(reader, 1)]
+    except csv.Error as e:
+        raise ValueError(f"{where} line {reader.line_num}: not valid CSV ({e}); pass the {_SUMMARY_FILE}") from None
+    if not rows:
+        raise ValueError(f"{where} has a CSV header but no articles")
+    return rows
+
+
+def _summary_example(record, where: str) -> SummaryExample:
+    """A record's `article` and `highlights`, or a ValueError naming the record and the fields."""
+    if not isinstance(record, dict) or any(field not in record for field in SUMMARY_FIELDS):
+        keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
+        raise ValueError(f"{where}: expected the fields 'article' and 'highlights' (the columns of "
+                         f"cnn_dailymail 3.0.0), got {keys or 'no fields'}")
+    article, highlights = record["article"], record["highlights"]
+    for field, value in (("article", article), ("highlights", highlights)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{where}: '{field}' must be a non-empty string, got {value!r:.60}")
+    return SummaryExample(article, highlights)
 
 
 # --------------------------------------------------------------------------------------------

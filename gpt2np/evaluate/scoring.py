@@ -204,6 +204,76 @@ def perplexity(model, text: str, *, max_length: int | None = None, stride: int |
                      "limit": limit}  # fmt: skip
 
 
+# --------------------------------------------------------------------------------------------
+# Perplexity of separate lines (One Billion Word)
+
+
+def score_lines(model, lines: Sequence[str], *, eos: bool = True, max_length: int | None = None,
+                stride: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
+                progress: bool = True) -> list[np.ndarray]:
+    """Log-probabilities of each line scored as its own document, all lines batched together.
+
+    A line is `<|endoftext|> + line`, and with `eos` a closing `<|endoftext|>`: the first token
+    conditions, every later one is scored, the closing one standing for the end-of-sentence unit
+    of word-level models. A line longer than `max_length` (default: the model's context) is scored
+    by `sliding_windows`, as `perplexity` scores a text. Returns, per line, the float64 natural-log
+    probabilities of its scored tokens: what scoring that line alone gives.
+    """
+    max_length, stride = _window_options(model, max_length, stride)
+    eot = model.tokenizer.eot_token
+    sequences, owners = [], []
+    for n, line in enumerate(lines):
+        ids = np.asarray([eot, *model.tokenizer.encode(line, disallowed_special=()), *([eot] if eos else [])],
+                         dtype=np.intp)
+        if len(ids) < 2:
+            raise ValueError(f"line {n + 1} is empty: nothing to score (pass eos=True to score its end)")
+        for begin, end, first in sliding_windows(len(ids), max_length=max_length, stride=stride):
+            sequences.append((ids[begin:end], first - begin))
+            owners.append(n)
+    scored = score_tokens(model, sequences, batch_size=batch_size, progress=progress, desc="lines", unit="window")
+    per_line: list[list[np.ndarray]] = [[] for _ in lines]
+    for n, (log_probs, _) in zip(owners, scored):
+        per_line[n].append(log_probs)
+    return [np.concatenate(parts) for parts in per_line]
+
+
+def line_perplexity(model, lines: Sequence[str], *, eos: bool = True, words: int | None = None,
+                    max_length: int | None = None, stride: int | None = None,
+                    batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> dict:
+    """Perplexity of lines that are separate documents (One Billion Word's shuffled sentences):
+    each line is scored alone (`score_lines`), conditioned on `<|endoftext|>`.
+
+    Returns a dict:
+      ppl, nll       per scored token: exp(total nll / tokens), and total nll / tokens in nats
+      tokens, lines  scored tokens (each line's tokens, plus its closing <|endoftext|> with `eos`)
+      words, ppl_word  when `words` (a count made on the original file) is given: exp(total nll / words)
+    and the method: eos, prepend_eot (always True here), max_length, stride.
+    """
+    lines = list(lines)
+    if not lines:
+        raise ValueError("no lines to score")
+    if words is not None and (isinstance(words, bool) or not isinstance(words, int) or words < 1):
+        raise ValueError(f"words must be a positive count, got {words!r}")
+    max_length, stride = _window_options(model, max_length, stride)
+    scored = score_lines(model, lines, eos=eos, max_length=max_length, stride=stride, batch_size=batch_size,
+                         progress=progress)
+    nll_sum = -sum(float(log_probs.sum()) for log_probs in scored)
+    tokens = sum(len(log_probs) for log_probs in scored)
+    result = {"ppl": _exp(nll_sum / tokens), "nll": nll_sum / tokens, "tokens": tokens, "lines": len(lines)}
+    if words is not None:
+        result |= {"words": words, "ppl_word": _exp(nll_sum / words)}
+    return result | {"eos": eos, "prepend_eot": True, "max_length": max_length, "stride": stride}
+
+
+def _window_options(model, max_length: int | None, stride: int | None) -> tuple[int, int]:
+    """`max_length` (default: the model's context, never longer) and `stride` (default: min(512, max_length))."""
+    max_length = model.config.n_ctx if max_length is None else max_length
+    if max_length > model.config.n_ctx:
+        raise ValueError(f"max_length ({max_length}) is longer than the model's context: "
+                         f"pass max_length <= {model.config.n_ctx}")
+    return max_length, min(DEFAULT_STRIDE, max_length) if stride is None else stride
+
+
 def _count_or_words(text: str, words: bool | int) -> int | None:
     """The word count `perplexity` reports for its `words` option (None when not asked)."""
     if words is False:

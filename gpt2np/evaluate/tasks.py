@@ -15,6 +15,7 @@ from .data import (
     download,
     read_cbt,
     read_char_test,
+    read_cnn_dailymail,
     read_lambada,
     read_text,
 )
@@ -24,8 +25,10 @@ from .scoring import (
     cbt,
     count_words,
     lambada,
+    line_perplexity,
     perplexity,
 )
+from .summaries import PAPER_FIGURES, summarize
 
 # --------------------------------------------------------------------------------------------
 # Tasks: the model card's table
@@ -35,16 +38,18 @@ from .scoring import (
 class Task:
     """One row group of the model card's table: how its data is read and which numbers it reports.
 
-    `card` lists (metric key, label, GPT-2 124M's published figure); accuracies are fractions."""
+    `card` lists (metric key, label, GPT-2 124M's published figure, or None where the card has
+    none); accuracies are fractions. `note` states the method in the command's output."""
 
     name: str
-    kind: str  # "perplexity", "lambada" or "cbt"
-    card: tuple[tuple[str, str, float], ...]
+    kind: str  # "perplexity", "lambada", "cbt", "lines" (1BW) or "summaries" (CNN/DailyMail)
+    card: tuple[tuple[str, str, float | None], ...]
     detokenizer: str = "none"
     word_units: bool = False  # report ppl_word in canonical units (words + one <eos> a line)
     char_level: bool = False  # enwik8/text8: the test split of the 100M-byte file
     source: DataSource | None = None
     data_hint: str = ""
+    note: str = ""
 
 
 TASKS: dict[str, Task] = {
@@ -68,25 +73,48 @@ TASKS: dict[str, Task] = {
              word_units=True, data_hint="wikitext-103/wiki.test.tokens from the WikiText-103 release"),
     )
 }  # fmt: skip
-# The table's last column, One Billion Word (75.20), is not a task here: see docs/evaluation.md.
+TASKS["1bw"] = Task(
+    "1bw", "lines", (("ppl_word", "ppl (per word)", 75.20), ("ppl", "ppl (per token)", None)), detokenizer="1bw",
+    word_units=True,
+    data_hint="news.en.heldout-00000-of-00050 (heldout-monolingual.tokenized.shuffled in the 1BW release)",
+    note="each line scored alone as <|endoftext|> + line + <|endoftext|> (the closing one for </S>); "
+         "ppl_word = exp(total nll / (words + one </S> a line)), words counted in the tokenized file",
+)
+TASKS["cnn_dailymail"] = Task(
+    "cnn_dailymail", "summaries", (),
+    data_hint="the cnn_dailymail 3.0.0 test split as JSON lines or CSV with 'article' and 'highlights' fields",
+)
 
 
 def evaluate_task(model, task: str, *, data: str | os.PathLike | None = None, max_length: int | None = None,
                   stride: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
                   prepend_eot: bool = False, detokenizer: str | None = None, cache_dir=None,
-                  progress: bool = True) -> dict:  # fmt: skip
+                  progress: bool = True, seed: int | None = 0, **summary_options) -> dict:  # fmt: skip
     """Run one task of the model card's table on a data file (or LAMBADA's checked download).
 
     Returns `{"task", "data", "metrics", "model_card"}`: `metrics` is the result of `perplexity`,
-    `lambada` or `cbt`; `model_card` the published figures under the same keys. `stride` defaults
-    to min(512, max_length); `detokenizer` to the task's own; `limit` keeps the first `limit`
-    examples (LAMBADA, CBT) or tokens (perplexity tasks).
+    `lambada`, `cbt`, `line_perplexity` (1BW) or `summarize` (CNN/DailyMail); `model_card` the
+    published figures under the same keys. `stride` defaults to min(512, max_length); `detokenizer`
+    to the task's own; `limit` keeps the first `limit` examples (LAMBADA, CBT), lines (1BW),
+    articles (CNN/DailyMail) or tokens (perplexity tasks). CNN/DailyMail adds `paper` (the GPT-2
+    paper's figures) and `articles` (each summary and its scores); `seed` and `summary_options`
+    (suffix, max_new_tokens, top_k, temperature, sentences, truncation; None for the default) go
+    to `summarize`.
     """
     spec = _task(task)
     detokenizer = _check_detokenizer(spec.detokenizer if detokenizer is None else detokenizer)
     if limit is not None:
         _check_limit(limit)
     path = Path(data) if data is not None else _download_for(spec, cache_dir=cache_dir, progress=progress)
+    report = {"task": spec.name, "data": os.fspath(path)}
+    options = {key: value for key, value in summary_options.items() if value is not None}
+    if spec.kind == "summaries":
+        metrics = summarize(model, read_cnn_dailymail(path)[:limit], seed=seed, batch_size=batch_size,
+                            progress=progress, **options)
+        articles = metrics.pop("articles")
+        return report | {"metrics": metrics, "model_card": {}, "paper": PAPER_FIGURES, "articles": articles}
+    if options:
+        raise ValueError(f"{', '.join(options)}: options of the cnn_dailymail task only")
     if spec.kind == "lambada":
         passages = [detokenize(passage, style=detokenizer) for passage in read_lambada(path)[:limit]]
         metrics = lambada(model, passages, prepend_eot=prepend_eot, batch_size=batch_size, progress=progress)
@@ -94,6 +122,9 @@ def evaluate_task(model, task: str, *, data: str | os.PathLike | None = None, ma
     elif spec.kind == "cbt":
         metrics = cbt(model, read_cbt(path)[:limit], detokenizer=detokenizer, prepend_eot=prepend_eot,
                       batch_size=batch_size, progress=progress)  # fmt: skip
+    elif spec.kind == "lines":
+        metrics = _one_billion_word(model, spec, path, detokenizer=detokenizer, limit=limit, max_length=max_length,
+                                    stride=stride, batch_size=batch_size, progress=progress)
     else:
         if spec.char_level:
             original = read_char_test(path, what=spec.data_hint)
@@ -104,8 +135,18 @@ def evaluate_task(model, task: str, *, data: str | os.PathLike | None = None, ma
                              prepend_eot=prepend_eot, words=words, limit=limit, batch_size=batch_size,
                              progress=progress)  # fmt: skip
         metrics["detokenizer"] = detokenizer
-    return {"task": spec.name, "data": os.fspath(path), "metrics": metrics,
-            "model_card": {key: value for key, _, value in spec.card}}  # fmt: skip
+    model_card = {key: value for key, _, value in spec.card if value is not None}
+    return report | {"metrics": metrics, "model_card": model_card}
+
+
+def _one_billion_word(model, spec: Task, path: Path, *, detokenizer: str, limit: int | None, **options) -> dict:
+    """1BW: the file's non-blank lines (the first `limit`), each scored alone (`line_perplexity`);
+    words are counted in the tokenized lines, plus one </S> a line, the benchmark's own units."""
+    lines = [line for line in read_text(path, what=spec.data_hint).splitlines() if line.strip()][:limit]
+    words = count_words("\n".join(lines), eos_per_line=True)
+    metrics = line_perplexity(model, [detokenize(line, style=detokenizer) for line in lines], eos=True, words=words,
+                              **options)
+    return metrics | {"detokenizer": detokenizer, "limit": limit}
 
 
 def _task(name: str) -> Task:

@@ -18,20 +18,29 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import io
 import json
-import math
 import os
-import re
 import sys
 import textwrap
-import traceback
 from dataclasses import dataclass
 
-EXIT_OK = 0
-EXIT_INTERNAL_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 128 + 2  # killed by SIGINT, as shells report it
+from .console import (
+    EXIT_OK,
+    ArgumentParser,
+    UsageError,
+    add_debug_argument,
+    load_model,
+    non_negative_float,
+    non_negative_int,
+    note,
+    one_line,
+    positive_float,
+    positive_int,
+    probability,
+    run,
+    stop_text,
+    wants_debug,
+)
 
 # `gpt2np serve ...` and `gpt2np eval ...` hand their arguments, unchanged, to `main(argv) -> int`
 # of these modules, imported only when asked for.
@@ -63,17 +72,6 @@ commands:
 """
 
 
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit status 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a one-line UsageError instead of usage text and exit."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
 # ---------------------------------------------------------------------------------------- entry
 def main(argv=None, *, prog=None, command=None) -> int:
     """Run the command line (`argv` defaults to sys.argv[1:]) and return the exit status.
@@ -83,27 +81,11 @@ def main(argv=None, *, prog=None, command=None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or os.path.basename(sys.argv[0]) or "gpt2np"
-    debug = wants_debug(argv)
-    tolerate_unencodable_output()
-    try:
+
+    def body() -> int:
         return dispatch(argv, prog) if command is None else run_command(command, argv, prog=prog)
-    except UsageError as e:
-        if debug:
-            traceback.print_exc()
-        return fail(prog, str(e), EXIT_USAGE)
-    except KeyboardInterrupt:
-        return interrupted(prog)
-    except BrokenPipeError:  # `gpt2np ... | head`: the reader left; nothing more to say
-        silence_stdout()
-        return EXIT_INTERNAL_ERROR
-    except SystemExit as e:  # argparse's --help and --version
-        return e.code if isinstance(e.code, int) else EXIT_OK
-    except Exception as e:
-        if debug:
-            traceback.print_exc()
-        hint = "" if debug else "run again with --debug to see the traceback, and "
-        message = f"internal error ({type(e).__name__}: {one_line(e)}); {hint}please report it"
-        return fail(prog, message, EXIT_INTERNAL_ERROR)
+
+    return run(body, prog=prog, debug=wants_debug(argv))
 
 
 def dispatch(argv: list[str], prog: str) -> int:
@@ -143,54 +125,6 @@ def module_command(command: str, argv: list[str]) -> int:
                          "update gpt2np, or use 'generate' or 'download'") from e  # fmt: skip
     status = module.main(argv)
     return EXIT_OK if status is None else status
-
-
-def wants_debug(argv: list[str]) -> bool:
-    options = argv[: argv.index("--")] if "--" in argv else argv
-    return "--debug" in options or os.environ.get("GPT2NP_DEBUG", "") not in ("", "0")
-
-
-# ---------------------------------------------------------------------------------------- output
-def fail(prog: str, message: str, status: int) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return status
-
-
-def note(prog: str, message: str) -> None:
-    print(f"{prog}: note: {message}", file=sys.stderr)
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (or its type's name if it has none)."""
-    return re.sub(r"\s*\n\s*", " ", str(error)).strip() or type(error).__name__
-
-
-def interrupted(prog: str) -> int:
-    """Ctrl-C: keep everything printed so far, end the terminal's line, say so on stderr."""
-    try:
-        sys.stdout.flush()
-        if sys.stdout.isatty():
-            sys.stderr.write("\n")
-    except (OSError, ValueError):
-        pass
-    print(f"{prog}: interrupted", file=sys.stderr)
-    return EXIT_INTERRUPTED
-
-
-def silence_stdout() -> None:
-    """After a broken pipe, point stdout at /dev/null so Python's final flush cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, io.UnsupportedOperation):
-        pass
-
-
-def tolerate_unencodable_output() -> None:
-    """Generated text can hold any character; a terminal that cannot show one gets '?', not a crash."""
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
-            stream.reconfigure(errors="replace")
 
 
 # ---------------------------------------------------------------------------------------- generate
@@ -288,7 +222,7 @@ exit status:
                    help="read a request in the model card endpoint's format from FILE ('-' for stdin) and print "
                         "the answer as a JSON list of strings (default: none)")  # fmt: skip
     o.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr (default: show them)")
-    o.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
+    add_debug_argument(o)
     return parser
 
 
@@ -339,54 +273,6 @@ def should_stream(args: argparse.Namespace, out) -> bool:
         return out.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-# ---------------------------------------------------------------------------------------- flag types
-def _bounded(kind, ok, rule: str):
-    """An argparse type: parse `kind` ("an integer" or "a number") and require ok(value)."""
-    what = "an integer" if kind is int else "a number"
-
-    def parse(text: str):
-        value = _parse(kind, text, what)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {value if kind is int else text}")
-        return value
-
-    return parse
-
-
-positive_int = _bounded(int, lambda v: v >= 1, "at least 1")
-non_negative_int = _bounded(int, lambda v: v >= 0, "0 or more")
-non_negative_float = _bounded(float, lambda v: v >= 0, "0 or more")
-positive_float = _bounded(float, lambda v: v > 0, "more than 0")
-
-
-def probability(text: str) -> float:
-    value = _parse(float, text, "a number")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 turns it off), got {text}")
-    return value
-
-
-def _parse(kind, text: str, what: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-
-
-def stop_text(text: str) -> str:
-    """A --stop value, with \\n, \\t, \\r and \\\\ turned into the characters (a shell passes them literally)."""
-    value = re.sub(r"\\(.)", lambda m: _ESCAPES.get(m[1], m[0]), text)
-    if not value:
-        raise argparse.ArgumentTypeError("must not be empty")
-    return value
 
 
 # ---------------------------------------------------------------------------------------- input
@@ -536,17 +422,6 @@ def check_params(params, *, source: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- model
-def load_model(name_or_path: str, *, revision: str, cache_dir: str | None, progress: bool):
-    """GPT2.from_pretrained, with a failure (no such folder or repo, no network, a bad checkpoint)
-    turned into a UsageError that names the model."""
-    from .api import GPT2
-
-    try:
-        return GPT2.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, progress=progress)
-    except (ValueError, OSError) as e:  # the hub's errors are OSErrors
-        raise UsageError(f"cannot load the model {name_or_path!r}: {one_line(e)}") from e
-
-
 def fit_prompts(model, prompts: list[str], max_new_tokens: int, args, *, prog: str) -> list[str]:
     """The prompts, each checked to fit the context with max_new_tokens, or cut to fit (--truncate-prompt)."""
     from_json = args.json is not None
@@ -644,7 +519,7 @@ def download_command(argv: list[str], *, prog: str) -> int:
                              "(default: %(default)s)")  # fmt: skip
     add_hub_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     from .hub import snapshot_download
 

@@ -1,0 +1,179 @@
+"""What every gpt2np command shares: its parser, its flag types, its exit statuses and how it fails.
+
+`gpt2np generate` and `download` (gpt2np.cli), `gpt2np serve` (gpt2np.server) and `gpt2np eval`
+(gpt2np.evaluate) all keep one promise: a problem with the input is one line on stderr naming the
+fix, with exit status 2; Ctrl-C is status 130; a reader that left (`| head`) ends it quietly with
+status 1; anything unexpected is one line and status 1, with the traceback under --debug or
+GPT2NP_DEBUG=1. `run` keeps it for a command's body.
+
+This module imports none of the commands (they all import it), and nothing heavy: a command that
+fails on a bad flag fails before NumPy is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import os
+import re
+import sys
+import traceback
+from collections.abc import Callable
+
+EXIT_OK = 0
+EXIT_FAILURE = 1  # an internal error, or a reader that left
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 128 + 2  # killed by SIGINT, as shells report it
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad flag is a one-line UsageError instead of usage text and exit."""
+
+    def error(self, message):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
+# ---------------------------------------------------------------------------------------- running
+def run(body: Callable[[], int | None], *, prog: str, debug: bool = False, usage_errors: tuple = ()) -> int:
+    """Run a command's body and return its exit status, turning every way it can fail into the
+    statuses and one-line messages of the module's docstring. `usage_errors` are more exception
+    types to report as bad input (status 2), for a command whose library raises them for bad data."""
+    try:
+        tolerate_unencodable_output()
+        status = body()
+        return EXIT_OK if status is None else status
+    except KeyboardInterrupt:
+        return interrupted(prog)
+    except BrokenPipeError:  # `gpt2np ... | head`: the reader left; nothing more to say
+        silence_stdout()
+        return EXIT_FAILURE
+    except SystemExit as e:  # argparse's --help and --version
+        return e.code if isinstance(e.code, int) else EXIT_OK
+    except (UsageError, *usage_errors) as e:
+        if debug:
+            traceback.print_exc()
+        return fail(prog, one_line(e), EXIT_USAGE)
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else "run again with --debug to see the traceback, and "
+        message = f"internal error ({type(e).__name__}: {one_line(e)}); {hint}please report it"
+        return fail(prog, message, EXIT_FAILURE)
+
+
+def wants_debug(argv: list[str]) -> bool:
+    """--debug among the flags (not after `--`), or GPT2NP_DEBUG set to anything but 0."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return "--debug" in options or os.environ.get("GPT2NP_DEBUG", "") not in ("", "0")
+
+
+def add_debug_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
+
+
+def load_model(name_or_path: str, *, revision: str, cache_dir: str | None, progress: bool):
+    """GPT2.from_pretrained, with a failure (no such folder or repo, no network, a bad checkpoint)
+    turned into a UsageError that names the model."""
+    from .api import GPT2
+
+    try:
+        return GPT2.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, progress=progress)
+    except (ValueError, OSError) as e:  # the hub's errors are OSErrors
+        raise UsageError(f"cannot load the model {name_or_path!r}: {one_line(e)}") from e
+
+
+# ---------------------------------------------------------------------------------------- output
+def fail(prog: str, message: str, status: int) -> int:
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    return status
+
+
+def note(prog: str, message: str) -> None:
+    print(f"{prog}: note: {message}", file=sys.stderr)
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (or its type's name if it has none)."""
+    return re.sub(r"\s*\n\s*", " ", str(error)).strip() or type(error).__name__
+
+
+def interrupted(prog: str) -> int:
+    """Ctrl-C: keep everything printed so far, end the terminal's line, say so on stderr."""
+    try:
+        sys.stdout.flush()
+        if sys.stdout.isatty():
+            sys.stderr.write("\n")
+    except (OSError, ValueError):
+        pass
+    print(f"{prog}: interrupted", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
+def silence_stdout() -> None:
+    """After a broken pipe, point stdout at /dev/null so Python's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, io.UnsupportedOperation):
+        pass
+
+
+def tolerate_unencodable_output() -> None:
+    """Generated text can hold any character; a terminal that cannot show one gets '?', not a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
+            stream.reconfigure(errors="replace")
+
+
+# ---------------------------------------------------------------------------------------- flag types
+def _bounded(kind, ok, rule: str):
+    """An argparse type: parse `kind` (int or float) and require ok(value), else say `rule`."""
+    what = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        value = _parse(kind, text, what)
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, got {value if kind is int else text}")
+        return value
+
+    return parse
+
+
+def _parse(kind, text: str, what: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+positive_int = _bounded(int, lambda v: v >= 1, "at least 1")
+non_negative_int = _bounded(int, lambda v: v >= 0, "0 or more")
+non_negative_float = _bounded(float, lambda v: v >= 0, "0 or more")
+positive_float = _bounded(float, lambda v: v > 0, "more than 0")
+
+
+def probability(text: str) -> float:
+    value = _parse(float, text, "a number")
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 turns it off), got {text}")
+    return value
+
+
+_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def stop_text(text: str) -> str:
+    """A stop-string flag's value, with \\n, \\t, \\r and \\\\ turned into the characters (a shell passes
+    them literally)."""
+    value = re.sub(r"\\(.)", lambda m: _ESCAPES.get(m[1], m[0]), text)
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value

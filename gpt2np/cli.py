@@ -186,27 +186,7 @@ exit status:
                              "checkpoint folder (default: %(default)s)")  # fmt: skip
     add_hub_arguments(parser)
     g = parser.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=positive_int, default=50, metavar="N",
-                   help="generate at most N tokens (default: %(default)s)")  # fmt: skip
-    g.add_argument("--temperature", type=non_negative_float, default=0.8, metavar="T",
-                   help="sampling temperature, > 0; lower is more predictable (default: %(default)s)")  # fmt: skip
-    g.add_argument("--top-p", type=probability, default=1.0, metavar="P",
-                   help="nucleus sampling: draw from the most likely tokens that together reach probability P, "
-                        "in (0, 1]; 1 turns it off (default: %(default)s)")  # fmt: skip
-    g.add_argument("--top-k", type=positive_int, default=None, metavar="K",
-                   help="draw only from the K most likely tokens (default: off)")
-    g.add_argument("--repetition-penalty", type=positive_float, default=1.0, metavar="R",
-                   help="R > 1 makes tokens already in the text less likely; 1 turns it off (default: %(default)s)")
-    g.add_argument("--greedy", action="store_true",
-                   help="always take the most likely token (do_sample off: --temperature, --top-k and --top-p "
-                        "are not used) (default: sample)")  # fmt: skip
-    g.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
-                   help="random seed: the same seed and options give the same text (default: a new seed each run)")
-    g.add_argument("--stop", action="append", type=stop_text, default=None, metavar="TEXT",
-                   help="end the text before the first TEXT; repeatable; \\n, \\t, \\r and \\\\ are understood "
-                        "(default: none)")  # fmt: skip
-    g.add_argument("--ignore-eos", action="store_true",
-                   help="keep generating past the end-of-text token (default: stop there)")
+    add_generation_arguments(g)
     g.add_argument("--truncate-prompt", action="store_true",
                    help="when the prompt and --max-new-tokens do not fit the model's context, keep the prompt's "
                         "last tokens instead of failing (default: fail)")  # fmt: skip
@@ -226,6 +206,34 @@ exit status:
     return parser
 
 
+def add_generation_arguments(g) -> None:
+    """The flags of GenerationOptions' fields, and --seed. Their defaults are GenerationOptions' own."""
+    from .sampling import GenerationOptions
+
+    d = GenerationOptions()
+    g.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens, metavar="N",
+                   help="generate at most N tokens (default: %(default)s)")  # fmt: skip
+    g.add_argument("--temperature", type=non_negative_float, default=d.temperature, metavar="T",
+                   help="sampling temperature, > 0; lower is more predictable (default: %(default)s)")  # fmt: skip
+    g.add_argument("--top-p", type=probability, default=d.top_p, metavar="P",
+                   help="nucleus sampling: draw from the most likely tokens that together reach probability P, "
+                        "in (0, 1]; 1 turns it off (default: %(default)s)")  # fmt: skip
+    g.add_argument("--top-k", type=positive_int, default=d.top_k, metavar="K",
+                   help=f"draw only from the K most likely tokens (default: {d.top_k or 'off'})")
+    g.add_argument("--repetition-penalty", type=positive_float, default=d.repetition_penalty, metavar="R",
+                   help="R > 1 makes tokens already in the text less likely; 1 turns it off (default: %(default)s)")
+    g.add_argument("--greedy", dest="do_sample", action="store_false", default=d.do_sample,
+                   help="always take the most likely token (do_sample off: --temperature, --top-k and --top-p "
+                        f"are not used) (default: {'sample' if d.do_sample else 'greedy'})")  # fmt: skip
+    g.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
+                   help="random seed: the same seed and options give the same text (default: a new seed each run)")
+    g.add_argument("--stop", action="append", type=stop_text, default=None, metavar="TEXT",
+                   help="end the text before the first TEXT; repeatable; \\n, \\t, \\r and \\\\ are understood "
+                        "(default: none)")  # fmt: skip
+    g.add_argument("--ignore-eos", action="store_true", default=d.ignore_eos,
+                   help="keep generating past the end-of-text token (default: stop there)")
+
+
 def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default="main", metavar="REV",
                         help="the hub branch, tag or commit (default: %(default)s)")
@@ -239,13 +247,13 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError("pass either a PROMPT or --json FILE, not both")
     if args.json is not None and args.stream:
         raise UsageError("--stream cannot be used with --json: the answer is printed as one JSON list")
-    if args.json is None and not args.greedy and args.temperature == 0:  # a request's do_sample may still say false
+    if args.json is None and args.do_sample and args.temperature == 0:  # a request's do_sample may still say false
         raise UsageError("--temperature must be > 0 when sampling; for deterministic text use --greedy")
 
 
 def generation_options(args: argparse.Namespace) -> dict:
     """The keyword arguments of GPT2.generate, as the flags set them."""
-    return dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop,
                 seed=args.seed, ignore_eos=args.ignore_eos, return_full_text=not args.no_full_text)  # fmt: skip
 

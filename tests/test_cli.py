@@ -325,6 +325,20 @@ def test_help_shows_every_flag_with_its_default_and_the_model_card_example(env):
     assert '"return_full_text": true' in help_text
 
 
+def test_flag_defaults_are_generation_options_defaults():
+    """The flags have no defaults of their own: an empty command line gives GenerationOptions()."""
+    from dataclasses import fields
+
+    from gpt2np.sampling import GenerationOptions
+
+    args = cli.generate_parser("gpt2np").parse_args([])
+    defaults = GenerationOptions()
+    for field in fields(GenerationOptions):
+        if field.name != "stop":  # --stop is repeatable: no flag given is None, read as no stop string
+            assert getattr(args, field.name) == getattr(defaults, field.name), field.name
+    assert args.stop is None and defaults.stop == ()
+
+
 def test_top_level_help_lists_the_commands(capsys):
     assert cli.main(["--help"], prog="python -m gpt2np") == 0
     out = capsys.readouterr().out

@@ -342,7 +342,7 @@ def test_stream_holds_back_split_characters(small):
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [
-        (dict(temperature=0), ValueError, "do_sample=False"),
+        (dict(temperature=0), ValueError, "turn do_sample off"),
         (dict(temperature=-1), ValueError, "temperature"),
         (dict(top_p=0), ValueError, r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), ValueError, "top_p"),
@@ -363,6 +363,26 @@ def test_stream_holds_back_split_characters(small):
 def test_bad_arguments(small, kwargs, error, message):
     with pytest.raises(error, match=message):
         small.generate("Hi", **kwargs)
+
+
+@pytest.mark.parametrize("call", ["generate", "generate_ids", "stream"])
+def test_an_unknown_option_is_a_type_error_naming_the_known_ones(small, call):
+    prompt = [[1, 2]] if call == "generate_ids" else "Hi"
+    message = rf"{call}\(\) got an unexpected keyword argument 'max_tokens'; its options are max_new_tokens, do_sample"
+    with pytest.raises(TypeError, match=message):
+        getattr(small, call)(prompt, max_tokens=3)
+
+
+def test_the_entry_points_take_their_defaults_from_generation_options(small):
+    """generate, generate_ids and stream have no defaults of their own: omitted options are GenerationOptions'."""
+    from dataclasses import asdict
+
+    explicit = asdict(GenerationOptions())
+    assert small.generate("Hi", seed=4) == small.generate("Hi", seed=4, **explicit)
+    assert "".join(small.stream("Hi", seed=4)) == small.generate("Hi", seed=4)
+    ids = small.tokenizer.encode("Hi")
+    assert small.generate_ids([ids], seed=4) == small.generate_ids([ids], seed=4, **explicit)
+    assert len(small.generate_ids([ids], seed=4, ignore_eos=True)[0]) == GenerationOptions().max_new_tokens
 
 
 def test_bad_prompts(small):

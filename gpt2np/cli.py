@@ -22,7 +22,6 @@ import json
 import os
 import sys
 import textwrap
-from dataclasses import dataclass
 
 from .console import (
     EXIT_OK,
@@ -46,12 +45,6 @@ from .console import (
 # of these modules, imported only when asked for.
 MODULE_COMMANDS = {"serve": "gpt2np.server", "eval": "gpt2np.evaluate"}
 COMMANDS = ("generate", "download", *MODULE_COMMANDS)
-
-# The sample request of GPT-2's model card for its inference endpoint.
-MODEL_CARD_REQUEST = {
-    "input_data": ["I believe the meaning of life is"],
-    "params": {"top_p": 1.0, "temperature": 0.8, "max_new_tokens": 100, "do_sample": True, "return_full_text": True},
-}
 
 TOP_LEVEL_HELP = """\
 usage: {prog} [generate] [PROMPT] [options]
@@ -132,29 +125,23 @@ def generate_command(argv: list[str], *, prog: str) -> int:
     """`gpt2np generate`: continue one prompt (or a JSON request's prompts) and print the text."""
     args = generate_parser(prog).parse_args(argv)
     check_generate_args(args)
-    options = generation_options(args)
-    if args.json is not None:
-        request = read_request(args.json)
-        options |= request.params
-        check_options(options, source=request.source)
-        prompts = request.prompts
-    else:
-        check_options(options, source="the options")
-        prompts = [read_prompt(args.prompt)]
+    request = read_request(args.json, args) if args.json is not None else flags_request(args)
     model = load_model(args.model, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet)
-    prompts = fit_prompts(model, prompts, options["max_new_tokens"], args, prog=prog)
+    prompts = fit_prompts(model, request, args, prog=prog)
     if args.json is not None:
-        print_json_answer(model, prompts, options, args.num_samples, out=sys.stdout)
+        print_json_answer(model, prompts, request, args.num_samples, out=sys.stdout)
     elif should_stream(args, sys.stdout):
-        stream_samples(model, prompts[0], options, args.num_samples, out=sys.stdout)
+        stream_samples(model, prompts[0], request, args.num_samples, out=sys.stdout)
     else:
-        print_samples(model, prompts[0], options, args.num_samples, out=sys.stdout)
+        print_samples(model, prompts[0], request, args.num_samples, out=sys.stdout)
     return EXIT_OK
 
 
 def generate_parser(prog: str) -> ArgumentParser:
+    from .request import MODEL_CARD_REQUEST, PARAMS
+
     request = textwrap.indent(json.dumps(MODEL_CARD_REQUEST, indent=2), " " * 6)
-    extra_params = [name for name in REQUEST_PARAMS if name not in MODEL_CARD_REQUEST["params"]]
+    extra_params = [name for name in PARAMS if name not in MODEL_CARD_REQUEST["params"]]
     epilog = f"""\
 examples:
   %(prog)s "I believe the meaning of life is"
@@ -251,26 +238,24 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError("--temperature must be > 0 when sampling; for deterministic text use --greedy")
 
 
-def generation_options(args: argparse.Namespace) -> dict:
+def generation_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of GPT2.generate, as the flags set them."""
     return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop,
                 seed=args.seed, ignore_eos=args.ignore_eos, return_full_text=not args.no_full_text)  # fmt: skip
 
 
-def check_options(options: dict, *, source: str) -> None:
-    """Validate the generation options before any model is loaded, so a typo costs no download."""
+def flags_request(args: argparse.Namespace):
+    """The prompt and the flags as a checked request; the options are checked before stdin is read
+    or any model is loaded, so a typo costs no download."""
+    from .request import Request
+    from .sampling import generation_arguments
+
     try:
-        sampler_options(options)
+        options, seed, return_full_text = generation_arguments(generation_kwargs(args), method="generate")
     except (TypeError, ValueError) as e:
-        raise UsageError(f"{source}: {one_line(e)}") from e
-
-
-def sampler_options(options: dict):
-    """The GenerationOptions of GPT2.generate's keyword arguments (all but seed and return_full_text)."""
-    from .sampling import GenerationOptions
-
-    return GenerationOptions.make(**{k: v for k, v in options.items() if k not in ("seed", "return_full_text")})
+        raise UsageError(one_line(e)) from e
+    return Request([read_prompt(args.prompt)], options, seed, return_full_text)
 
 
 def should_stream(args: argparse.Namespace, out) -> bool:
@@ -308,62 +293,23 @@ def read_stdin(what: str) -> str:
                          "pass UTF-8 text, or set PYTHONIOENCODING") from e  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Request:
-    """A generation request in the model card endpoint's format, checked."""
+def read_request(path: str, args: argparse.Namespace):
+    """Read and check a request (gpt2np.request) from a file, or from stdin when `path` is '-'; its
+    params override the flags. A bad request is a UsageError naming where it came from."""
+    from .request import RequestError, parse_request
 
-    prompts: list[str]
-    params: dict
-    source: str  # how messages name it: "request.json", "the request on stdin"
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    source = "the request on stdin" if path == "-" else path
+    text = read_stdin("the JSON request") if path == "-" else read_request_file(path)
+    try:
+        return parse_request(text, defaults=generation_kwargs(args))
+    except RequestError as e:
+        raise UsageError(f"{source}: {e}") from e
 
 
-def _is_boolean(v) -> bool:
-    return isinstance(v, bool)
-
-
-def _is_optional_integer(v) -> bool:
-    return v is None or (_is_integer(v) and v >= 1)
-
-
-def _is_optional_seed(v) -> bool:
-    return v is None or (_is_integer(v) and v >= 0)
-
-
-def _is_stop(v) -> bool:
-    return v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
-
-
-# The request's "params": the model card's five, then the other options of GPT2.generate, each
-# with the JSON it must be (numbers' ranges are checked by GenerationOptions).
-REQUEST_PARAMS = {
-    "top_p": (_is_number, "a number"),
-    "temperature": (_is_number, "a number"),
-    "max_new_tokens": (_is_integer, "an integer"),
-    "do_sample": (_is_boolean, "true or false"),
-    "return_full_text": (_is_boolean, "true or false"),
-    "top_k": (_is_optional_integer, "a positive integer or null"),
-    "repetition_penalty": (_is_number, "a number"),
-    "stop": (_is_stop, "a string, a list of strings or null"),
-    "seed": (_is_optional_seed, "a non-negative integer or null"),
-    "ignore_eos": (_is_boolean, "true or false"),
-}
-
-
-def read_request(path: str) -> Request:
-    """Read and check a request from a file, or from stdin when `path` is '-'."""
-    if path == "-":
-        return parse_request(read_stdin("the JSON request"), source="the request on stdin")
+def read_request_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except FileNotFoundError:
         raise UsageError(f"--json {path}: no such file; pass the path of a request file, "
                          "or - to read it from stdin") from None
@@ -371,72 +317,17 @@ def read_request(path: str) -> Request:
         raise UsageError(f"--json {path}: not UTF-8 text ({e.reason}); save the request as UTF-8 JSON") from e
     except OSError as e:
         raise UsageError(f"--json {path}: cannot read it ({e.strerror}); pass the path of a request file") from e
-    return parse_request(text, source=path)
-
-
-def parse_request(text: str, *, source: str) -> Request:
-    """Check a request's JSON: {"input_data": [prompts...], "params": {...}}, or Azure ML's
-    {"input_data": {"input_string": [prompts...], "parameters": {...}}}."""
-    example = json.dumps(MODEL_CARD_REQUEST)
-    try:
-        request = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as e:
-        raise UsageError(f"{source} is not valid JSON ({e}); a request looks like {example}") from e
-    if not isinstance(request, dict):
-        raise UsageError(f"{source}: the request must be a JSON object like {example}")
-    _reject_unknown_keys(request, ("input_data", "params"), where="the request", source=source)
-    data, params = request.get("input_data"), request.get("params", {})
-    if isinstance(data, dict):  # Azure ML's shape: the params travel inside input_data
-        if "params" in request:
-            raise UsageError(f'{source}: put the parameters in "params" or in input_data\'s "parameters", not both')
-        _reject_unknown_keys(data, ("input_string", "parameters"), where='"input_data"', source=source)
-        data, params = data.get("input_string"), data.get("parameters", {})
-    prompts = check_input_data(data, source=source)
-    return Request(prompts=prompts, params=check_params(params, source=source), source=source)
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _reject_unknown_keys(obj: dict, known: tuple[str, ...], *, where: str, source: str) -> None:
-    unknown = [k for k in obj if k not in known]
-    if unknown:
-        raise UsageError(f"{source}: unknown key {unknown[0]!r} in {where}; it may hold {', '.join(map(repr, known))}")
-
-
-def check_input_data(data, *, source: str) -> list[str]:
-    if data is None:
-        raise UsageError(f'{source}: the request has no "input_data"; '
-                         'give the prompts as "input_data": ["a prompt", ...]')
-    if not isinstance(data, list) or not data:
-        raise UsageError(f'{source}: "input_data" must be a non-empty list of prompt strings, like ["a prompt"]')
-    for i, prompt in enumerate(data):
-        if not isinstance(prompt, str):
-            raise UsageError(f'{source}: "input_data"[{i}] must be a string, got {json.dumps(prompt)}')
-    return data
-
-
-def check_params(params, *, source: str) -> dict:
-    if not isinstance(params, dict):
-        raise UsageError(f'{source}: "params" must be a JSON object like {json.dumps(MODEL_CARD_REQUEST["params"])}')
-    for name, value in params.items():
-        if name not in REQUEST_PARAMS:
-            raise UsageError(f"{source}: unknown param {name!r}; the known params are {', '.join(REQUEST_PARAMS)}")
-        is_valid, expected = REQUEST_PARAMS[name]
-        if not is_valid(value):
-            raise UsageError(f"{source}: param {name!r} must be {expected}, got {json.dumps(value)}")
-    return dict(params)
 
 
 # ---------------------------------------------------------------------------------------- model
-def fit_prompts(model, prompts: list[str], max_new_tokens: int, args, *, prog: str) -> list[str]:
+def fit_prompts(model, request, args: argparse.Namespace, *, prog: str) -> list[str]:
     """The prompts, each checked to fit the context with max_new_tokens, or cut to fit (--truncate-prompt)."""
-    from_json = args.json is not None
-    limit = "max_new_tokens" if from_json else "--max-new-tokens"  # as the user spelled it
+    max_new_tokens = request.options.max_new_tokens
+    from_request = args.json is not None and "max_new_tokens" in request.params
+    limit = request.param_field("max_new_tokens") if from_request else "--max-new-tokens"  # as the user set it
     fitted = []
-    for i, prompt in enumerate(prompts):
-        name = f'"input_data"[{i}]' if from_json else "the prompt"
+    for i, prompt in enumerate(request.prompts):
+        name = request.prompt_field(i) if args.json is not None else "the prompt"
         text = fit_prompt(model, prompt, max_new_tokens, truncate=args.truncate_prompt, name=name, limit=limit)
         if text is not prompt and not args.quiet:
             n_ctx, kept = model.config.n_ctx, len(model.tokenizer.encode(text, allowed_special="all"))
@@ -447,21 +338,25 @@ def fit_prompts(model, prompts: list[str], max_new_tokens: int, args, *, prog: s
 
 
 def fit_prompt(model, prompt: str, max_new_tokens: int, *, truncate: bool, name: str, limit: str) -> str:
-    """The prompt itself if it fits the context with max_new_tokens; else, with `truncate`, the
-    text of its last tokens that do; else a UsageError naming the ways out."""
+    """The prompt itself if it fits the context with max_new_tokens (the one rule: engine.check_fits);
+    else, with `truncate`, the text of its last tokens that do; else a UsageError naming the ways out."""
+    from .engine import check_fits
+    from .generation import prepare_prompts
+
     n_ctx = model.config.n_ctx
-    if max_new_tokens >= n_ctx:
+    budget = n_ctx - max_new_tokens  # the prompt tokens that fit
+    if truncate and budget < 1:
         raise UsageError(f"{limit} {max_new_tokens} leaves no room for a prompt in the model's {n_ctx}-token "
-                         f"context; use at most {n_ctx - 1}")  # fmt: skip
-    ids = model.tokenizer.encode(prompt, allowed_special="all")  # as generate encodes it
-    budget = n_ctx - max_new_tokens
-    if len(ids) <= budget:
+                         f"context, however short; use at most {n_ctx - 1}")  # fmt: skip
+    (ids,) = prepare_prompts(model.tokenizer, [prompt], bos=model.config.bos_token_id)  # as generate encodes it
+    try:
+        check_fits(len(ids), max_new_tokens, n_ctx, what=name, limit=limit)
         return prompt
-    if not truncate:
-        room = f"lower {limit} to {n_ctx - len(ids)}, " if len(ids) < n_ctx else ""
-        raise UsageError(f"{name} is {len(ids)} tokens and {limit} is {max_new_tokens}, more than the model's "
-                         f"{n_ctx}-token context: {room}shorten the prompt, or pass --truncate-prompt to keep "
-                         f"its last {budget} tokens")  # fmt: skip
+    except ValueError as e:
+        if not truncate:
+            tokens = f"{budget} token{'s' if budget != 1 else ''}"
+            hint = f"; or pass --truncate-prompt to keep its last {tokens}" if budget >= 1 else ""
+            raise UsageError(f"{e}{hint}") from e
     return last_tokens_text(model.tokenizer, ids, budget)
 
 
@@ -484,33 +379,32 @@ def sample_header(i: int, n: int) -> str:
     return f"=== sample {i + 1} of {n} ===\n" if n > 1 else ""
 
 
-def print_samples(model, prompt: str, options: dict, n: int, *, out) -> None:
+def print_samples(model, prompt: str, request, n: int, *, out) -> None:
     """Generate n samples in one batch, then print them. Sample i draws from the seed's i-th child."""
-    texts = model.generate([prompt] * n, **options)
+    texts = model.generate([prompt] * n, **request.arguments())
     for i, text in enumerate(texts):
         out.write(sample_header(i, n) + text + "\n")
     out.flush()
 
 
-def stream_samples(model, prompt: str, options: dict, n: int, *, out) -> None:
+def stream_samples(model, prompt: str, request, n: int, *, out) -> None:
     """Print n samples one after the other, each piece as soon as it is decided. Sample i draws
     from the seed's i-th child, as in print_samples, so both print the same text."""
     from .generation import stream_text
     from .sampling import row_generators
 
-    sampler = sampler_options(options)
-    for i, rng in enumerate(row_generators(options["seed"], n)):
+    for i, rng in enumerate(row_generators(request.seed, n)):
         out.write(sample_header(i, n))
-        for piece in stream_text(model, prompt, sampler, rng, return_full_text=options["return_full_text"]):
+        for piece in stream_text(model, prompt, request.options, rng, return_full_text=request.return_full_text):
             out.write(piece)
             out.flush()
         out.write("\n")
         out.flush()
 
 
-def print_json_answer(model, prompts: list[str], options: dict, n: int, *, out) -> None:
+def print_json_answer(model, prompts: list[str], request, n: int, *, out) -> None:
     """The endpoint's answer: a JSON list with one string per prompt (n per prompt, in order, when n > 1)."""
-    texts = model.generate([p for p in prompts for _ in range(n)], **options)
+    texts = model.generate([p for p in prompts for _ in range(n)], **request.arguments())
     out.write(json.dumps(texts, indent=2) + "\n")
     out.flush()
 

@@ -92,7 +92,8 @@ def _check_number(name: str, value, *, integer: bool = False) -> None:
     except OverflowError:  # an integer too large for a float (a JSON number can be one)
         finite = False
     if not integer and not finite:
-        raise OptionError(name, f"must be finite, got {value}")
+        shown = f"an integer of {len(str(abs(value)))} digits" if isinstance(value, numbers.Integral) else value
+        raise OptionError(name, f"must be finite, got {shown}")
 
 
 def check_seed(seed) -> int | None:

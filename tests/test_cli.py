@@ -195,18 +195,21 @@ def test_json_params_override_flags_and_num_samples_repeats_each_prompt(checkpoi
     ('{"input_data": ["a"], ', ["is not valid JSON", '"input_data"']),
     ('["a prompt"]', ["must be a JSON object like"]),
     ('{"params": {}}', ['no "input_data"']),
-    ('{"input_data": "a prompt"}', ['"input_data" must be a non-empty list']),
-    ('{"input_data": []}', ['"input_data" must be a non-empty list']),
-    ('{"input_data": ["a", 3]}', ['"input_data"[1] must be a string, got 3']),
-    ('{"input_data": ["a"], "parameters": {}}', ["unknown key 'parameters' in the request", "'params'"]),
-    ('{"input_data": ["a"], "params": [1]}', ['"params" must be a JSON object']),
-    ('{"input_data": ["a"], "params": {"temperature": true}}', ["param 'temperature' must be a number, got true"]),
-    ('{"input_data": ["a"], "params": {"max_new_tokens": "50"}}', ["'max_new_tokens' must be an integer, got \"50\""]),
-    ('{"input_data": ["a"], "params": {"do_sample": 1}}', ["'do_sample' must be true or false, got 1"]),
-    ('{"input_data": ["a"], "params": {"seed": -1}}', ["'seed' must be a non-negative integer or null"]),
+    ('{"input_data": "a prompt"}', ['input_data must be a non-empty list', "wrap a single prompt"]),
+    ('{"input_data": []}', ['input_data must be a non-empty list']),
+    ('{"input_data": ["a", 3]}', ['input_data[1] must be a string, got 3']),
+    ('{"input_data": ["a"], "parameters": {}}', ['unknown key "parameters" in the request', '"params"']),
+    ('{"input_data": ["a"], "params": [1]}', ['params must be a JSON object']),
+    ('{"input_data": ["a"], "params": {"temperature": true}}', ["params.temperature must be a number, got true"]),
+    ('{"input_data": ["a"], "params": {"max_new_tokens": "50"}}',
+     ['params.max_new_tokens must be an integer, got "50"']),
+    ('{"input_data": ["a"], "params": {"do_sample": 1}}', ["params.do_sample must be true or false, got 1"]),
+    ('{"input_data": ["a"], "params": {"seed": -1}}', ["params.seed must be a non-negative integer, got -1"]),
     ('{"input_data": ["a"], "params": {"top_p": 2}}', ["top_p must be in (0, 1]"]),
     ('{"input_data": ["a"], "params": {"temperature": NaN}}', ["not valid JSON", "NaN"]),
-    ('{"input_data": {"input_string": ["a"], "params": {}}}', ["unknown key 'params' in \"input_data\""]),
+    ('{"input_data": {"input_string": ["a"], "params": {}}}', ['unknown key "params" in input_data']),
+    ('{"input_data": {"input_string": ["a"], "parameters": {"top_k": 0}}}',
+     ["input_data.parameters.top_k must be >= 1"]),
 ])  # fmt: skip
 def test_malformed_json_requests_are_one_line_errors(request_text, needles, monkeypatch, capsys):
     """Checked before any model is loaded (in-process; the subprocess path is tested below)."""
@@ -219,11 +222,11 @@ def test_malformed_json_requests_are_one_line_errors(request_text, needles, monk
     (["x", "--top-p", "2"], None, ["argument --top-p: must be in (0, 1]", "--help"]),  # a bad flag value
     (["x", "--model", "/no/such/folder"], None, ["cannot load the model '/no/such/folder'", "existing folder"]),
     (["x", "--model", "someorg/missing"], None, ["cannot load the model 'someorg/missing': "]),
-    (["one" + " word" * 200], None, ["the prompt is 201 tokens and --max-new-tokens is 50",
-                                     "128-token context", "--truncate-prompt"]),
-    (["--json", "-"], '{"input_data": ["a"], "params": {', ["the request on stdin is not valid JSON"]),
+    (["one" + " word" * 200], None, ["the prompt is 201 tokens, which leaves no room to generate",
+                                     "128-token context", "--truncate-prompt to keep its last 78 tokens"]),
+    (["--json", "-"], '{"input_data": ["a"], "params": {', ["the request on stdin: the request is not valid JSON"]),
     (["--json", "-"], '{"input_data": ["a"], "params": {"num_beams": 4}}',
-     ["unknown param 'num_beams'", "top_p, temperature, max_new_tokens, do_sample, return_full_text"]),
+     ['unknown param "num_beams"', "top_p, temperature, max_new_tokens, do_sample, return_full_text"]),
 ])  # fmt: skip
 def test_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, checkpoint, env, tmp_path):
     argv = ["--model", str(checkpoint), *argv] if "--model" not in argv else argv
@@ -247,13 +250,24 @@ def test_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, checkpoin
     (["a prompt", "--max-new-tokens", "127"], "", ["the prompt is 2 tokens", "lower --max-new-tokens to 126"]),
     (["x", "--max-new-tokens", "128", "--truncate-prompt"], "", ["leaves no room for a prompt", "at most 127"]),
     (["--json", "-"], '{"input_data": ["a"], "params": {"max_new_tokens": 500}}',
-     ["max_new_tokens 500 leaves no room for a prompt in the model's 128-token context"]),
+     ["params.max_new_tokens is 500, more than the model's 128-token context", "lower params.max_new_tokens to 127"]),
     (["--json", "-"], json.dumps({"input_data": ["a", "b" * 300], "params": {"max_new_tokens": 100}}),
-     ['"input_data"[1] is 150 tokens and max_new_tokens is 100', "or pass --truncate-prompt"]),
+     ["input_data[1] is 150 tokens, which leaves no room", "or pass --truncate-prompt"]),
+    (["--json", "-", "--max-new-tokens", "100"], json.dumps({"input_data": [" a" * 50]}),  # a flag, not a param
+     ["input_data[0] is 50 tokens and --max-new-tokens is 100", "lower --max-new-tokens to 78"]),
 ])  # fmt: skip
 def test_more_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, checkpoint, monkeypatch, capsys):
     result = run_in_process(["--model", str(checkpoint), *argv], monkeypatch, capsys, stdin=stdin)
     assert_one_line_error(*result, *needles)
+
+
+@pytest.mark.parametrize("n", [128, 150])
+def test_a_prompt_that_fills_the_context_is_told_to_shorten(n, checkpoint, monkeypatch, capsys):
+    """Not to lower --max-new-tokens to 0 or below: no number of new tokens would make it fit."""
+    status, out, err = run_in_process(["--model", str(checkpoint), " a" * n], monkeypatch, capsys)
+    assert_one_line_error(status, out, err, f"the prompt is {n} tokens, which leaves no room to generate in the "
+                          "model's 128-token context; shorten it", "--truncate-prompt to keep its last 78 tokens")
+    assert "lower --max-new-tokens" not in err
 
 
 def test_debug_shows_the_traceback(monkeypatch, capsys):

@@ -134,11 +134,61 @@ def row_generators(seed, n: int) -> list[np.random.Generator]:
 
 
 # ---------------------------------------------------------------------------------------- sampler
+# float32's range. A temperature or penalty whose results leave it is computed in the limit (see below).
+_F32_TINY, _F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
 def apply_repetition_penalty(logits, seen, penalty):  # [V], [V] bool -> [V]
     """CTRL's penalty (Keskar et al., 2019), as transformers applies it: for tokens already in the
-    prompt or output, divide a positive logit by `penalty` and multiply a negative one."""
+    prompt or output, divide a positive logit by `penalty` and multiply a negative one. In float32,
+    as transformers computes it, when the results fit; else `_penalty_in_the_limit`."""
     scores = logits[seen]
-    logits[seen] = np.where(scores > 0, scores / penalty, scores * penalty)
+    if _F32_TINY <= penalty <= _F32_MAX:
+        with np.errstate(over="ignore"):  # an overflow is an inf, caught just below
+            penalized = np.where(scores > 0, scores / penalty, scores * penalty)
+        if np.isfinite(penalized).all():
+            logits[seen] = penalized
+            return logits
+    return _penalty_in_the_limit(logits, seen, penalty)
+
+
+def _penalty_in_the_limit(logits, seen, penalty):  # [V], [V] bool -> [V]
+    """The penalty near 0 or huge, where float32 cannot hold its results: computed in float64, then
+    shifted so the largest logit is 0 (a shift changes no probability and no choice) and put back in
+    float32, where what falls below its range is -inf, probability 0. Where even float64 overflows (a
+    positive logit divided by a penalty near 0), those tokens outweigh all others: they alone remain,
+    weighted by (logit - their largest) / penalty, which does fit."""
+    z = logits.astype(np.float64)
+    scores = z[seen]
+    with np.errstate(over="ignore", under="ignore"):
+        z[seen] = np.where(scores > 0, scores / penalty, scores * penalty)
+        top = z.max()
+        if np.isposinf(top):
+            positive = scores > 0
+            z.fill(-np.inf)
+            z[np.flatnonzero(seen)[positive]] = (scores[positive] - scores[positive].max()) / penalty
+        elif np.isneginf(top):  # every token seen, every logit negative and multiplied past float64
+            z = (scores - scores.max()) * penalty
+        else:
+            z -= top
+        logits[:] = z
+    return logits
+
+
+def apply_temperature(logits, temperature):  # [V] -> [V], in place
+    """logits / temperature, in float32 as transformers computes it, when the quotients (and their
+    differences) fit float32 with room to spare. Otherwise (a temperature near 0 or huge, or logits
+    that the penalty left at -inf) it is (logits - max) / temperature in float64, put back in float32:
+    the shift changes no probability and no top_k or top_p choice, and a quotient below float32's
+    range is -inf, probability 0. So as the temperature goes to 0 the draw becomes greedy among the
+    tokens tied at the top, and as it grows the draw becomes uniform."""
+    hi, lo = float(logits.max()), float(logits.min())
+    widest = max(hi - lo, -lo, hi)  # the largest quotient, and difference of two, is this / temperature
+    if _F32_TINY <= temperature <= _F32_MAX and math.isfinite(lo) and widest / temperature < _F32_MAX / 4:
+        logits /= np.float32(temperature)
+        return logits
+    with np.errstate(over="ignore", under="ignore"):
+        logits[:] = (logits.astype(np.float64) - hi) / temperature
     return logits
 
 
@@ -187,7 +237,7 @@ def top_p_keep(logits, top_p, candidates=None):  # [V] -> [V] bool
 def warp(logits, options: GenerationOptions):  # [V] -> [V] bool, or None for "every token"
     """The sampling warpers in transformers' order: temperature (in place), then top_k, then top_p.
     Returns which tokens may still be drawn."""
-    logits /= np.float32(options.temperature)
+    apply_temperature(logits, options.temperature)
     keep = None
     if options.top_k is not None:
         keep = top_k_keep(logits, options.top_k)

@@ -138,6 +138,16 @@ def test_greedy_is_do_sample_off_and_ignores_temperature(checkpoint, model, monk
     assert run_in_process(argv, monkeypatch, capsys) == (0, expected, "")
 
 
+@pytest.mark.parametrize("flag", ["--temperature", "--repetition-penalty"])
+def test_values_at_the_edge_of_float32_generate(flag, checkpoint, model, monkeypatch, capsys):
+    """1e-300 once gave an empty text (temperature) or an "internal error" (IndexError, repetition penalty)."""
+    argv = ["--model", str(checkpoint), PROMPT, flag, "1e-300", "--max-new-tokens", "6", "--seed", "0", "--ignore-eos"]
+    option = {flag[2:].replace("-", "_"): 1e-300}
+    expected = model.generate(PROMPT, max_new_tokens=6, seed=0, ignore_eos=True, **option)
+    assert run_in_process(argv, monkeypatch, capsys) == (0, expected + "\n", "")
+    assert len(expected) > len(PROMPT)
+
+
 def test_stream_prints_the_same_samples_as_no_stream(checkpoint, model, env):
     argv = ["--model", str(checkpoint), PROMPT, "--seed", "5", "--max-new-tokens", "16", "--num-samples", "2"]
     streamed, printed = run([*argv, "--stream"], env), run([*argv, "--no-stream"], env)

@@ -1,6 +1,8 @@
 """Generation: greedy parity with transformers, the KV cache, ragged batches, the sampler's
 semantics against transformers' warpers, stop strings, EOS, streaming and argument errors."""
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,7 +12,17 @@ from checkpoints import hf_reference, write_checkpoint
 from gpt2np import GPT2, GPT2Config, Tokenizer
 from gpt2np.engine import Engine, Row
 from gpt2np.generation import RowText
-from gpt2np.sampling import GenerationOptions, draw, next_token, row_generators, top_k_keep, top_p_keep, warp
+from gpt2np.sampling import (
+    GenerationOptions,
+    apply_repetition_penalty,
+    apply_temperature,
+    draw,
+    next_token,
+    row_generators,
+    top_k_keep,
+    top_p_keep,
+    warp,
+)
 
 def decode(model, prompts, options, rngs):
     """The engine over rows with options of their own: yields, after each choice, the engine, and
@@ -194,6 +206,71 @@ def test_draw_is_the_inverse_cdf_of_the_softmax(n):
     got = [draw(z, FixedUniforms([u])) for u in uniforms]
     assert got == expected
     assert all(w[i] > 0 for i in got)
+
+
+# ------------------------------------------------------------------------------- options at float32's edge
+@pytest.fixture()
+def no_warnings():
+    """Any NumPy warning (overflow, divide by zero, invalid value) fails the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-38])
+def test_a_temperature_near_zero_is_greedy(small, temperature, no_warnings):
+    """logits / 1e-300 overflows float32 (it once gave an empty continuation and RuntimeWarnings); the
+    limit of temperature -> 0 is the most likely token."""
+    ids = small.tokenizer.encode(PROMPTS[0])
+    greedy = small.generate_ids([ids], do_sample=False, max_new_tokens=10, ignore_eos=True)
+    assert small.generate_ids([ids], temperature=temperature, seed=0, max_new_tokens=10, ignore_eos=True) == greedy
+    text = small.generate(PROMPTS[0], temperature=temperature, seed=0, max_new_tokens=5, return_full_text=False)
+    assert text == small.tokenizer.decode(greedy[0][:5]) and text
+
+
+def test_a_temperature_near_zero_draws_among_the_tokens_tied_at_the_top(no_warnings):
+    logits = np.array([1.0, 3.0, 2.0, 3.0, -1.0], np.float32)
+    rng = np.random.default_rng(0)
+    for temperature in (1e-300, 1e-40):
+        options = GenerationOptions(temperature=temperature, top_k=3, top_p=0.99)
+        assert {next_token(logits.copy(), options, rng) for _ in range(100)} == {1, 3}
+
+
+def test_a_huge_temperature_is_uniform(no_warnings):
+    logits = np.array([1.0, 3.0, 2.0, 3.0, -1.0], np.float32)
+    rng = np.random.default_rng(0)
+    counts = np.bincount([next_token(logits.copy(), GenerationOptions(temperature=1e300), rng) for _ in range(2000)])
+    assert (np.abs(counts - 400) < 100).all(), counts
+
+
+def test_ordinary_temperatures_divide_in_float32_as_transformers_does():
+    logits = (np.random.default_rng(0).standard_normal(50257) * 5).astype(np.float32)
+    for temperature in (1e-3, 0.7, 1.0, 2.5, 100.0):
+        expected = logits / np.float32(temperature)
+        assert np.array_equal(apply_temperature(logits.copy(), temperature), expected)
+
+
+def test_a_repetition_penalty_near_zero_or_huge_in_the_limit(no_warnings):
+    """A seen positive logit divided by ~0 outweighs every other token (the largest such one wins); a
+    seen negative one multiplied by a huge penalty can never be drawn. Once an IndexError."""
+    logits = np.array([10.0, 3.0, 2.0, -1.0, 5.0], np.float32)
+    seen = np.array([False, True, True, True, False])
+    for penalty in (1e-300, 5e-324, 1e-40):
+        penalized = apply_repetition_penalty(logits.copy(), seen, penalty)
+        assert penalized[1] == 0 and np.isneginf(penalized[[0, 2, 3, 4]]).all(), (penalty, penalized)
+        options, rng = GenerationOptions(repetition_penalty=penalty), np.random.default_rng(0)
+        assert {next_token(logits.copy(), options, rng, seen) for _ in range(50)} == {1}
+    assert apply_repetition_penalty(logits.copy(), seen, 1e300).tolist() == [0, -10, -10, -np.inf, -5]
+
+
+def test_a_repetition_penalty_near_zero_when_sampling(small, no_warnings):
+    """Sampling then agrees with greedy: only the most likely token already seen can be drawn."""
+    ids = small.tokenizer.encode(PROMPTS[0])
+    for penalty in (1e-300, 5e-324):
+        kwargs = dict(max_new_tokens=8, ignore_eos=True, repetition_penalty=penalty)
+        greedy = small.generate_ids([ids], do_sample=False, **kwargs)
+        assert small.generate_ids([ids], seed=3, **kwargs) == greedy
+        assert set(greedy[0]) <= set(ids)
 
 
 def test_greedy_ignores_sampling_knobs(small):

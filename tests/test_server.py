@@ -197,6 +197,15 @@ def test_several_prompts_match_the_library(server, model):
     assert server.score({"input_data": prompts, "params": params}) == (200, texts)  # the seed reproduces
 
 
+def test_values_at_the_edge_of_float32_are_answered(server, model):
+    """A repetition penalty of 1e-300 once raised an IndexError in the sampler: a 500."""
+    body = {"input_data": ["Hello"], "params": {"repetition_penalty": 1e-300, "temperature": 1e-300, "seed": 1,
+                                                "max_new_tokens": 5}}
+    status, texts = server.score(body)
+    with one_blas_thread():
+        assert (status, texts) == (200, model.generate(body["input_data"], **body["params"]))
+
+
 def test_unknown_route_and_method(server):
     status, _, body = server.request("GET", "/nowhere")
     assert status == 404 and "POST /score" in json.loads(body)["error"]

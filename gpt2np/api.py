@@ -74,12 +74,12 @@ class GPT2:
 
     def check_ids(self, ids) -> np.ndarray:
         """Token ids as an int array [T] or [B, T], or a ValueError that says what is wrong."""
+        given = ids
         try:
             ids = np.asarray(ids)
         except ValueError as e:  # ragged nested lists
             raise ValueError(f"ids must be a rectangular [T] or [B, T] array of token ids ({e}); pad ragged rows or use generate_ids") from None
-        if ids.dtype == bool or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
-            raise ValueError(f"ids must be integer token ids, got dtype {ids.dtype}")
+        check_integer_ids(given, ids, what="ids")
         if ids.ndim not in (1, 2) or ids.shape[-1] == 0 or ids.size == 0:
             raise ValueError(f"ids must have shape [T] or [B, T] with T >= 1, got shape {ids.shape}")
         if ids.shape[-1] > self.config.n_ctx:
@@ -118,7 +118,8 @@ class GPT2:
         """
         prompts, single = check_prompts(prompt_or_prompts)
         options, seed, return_full_text = generation_arguments(options, method="generate")
-        texts = generate_text(self, prompts, options, row_generators(seed, len(prompts)), return_full_text=return_full_text)
+        rngs = row_generators(seed, len(prompts))
+        texts = generate_text(self, prompts, options, rngs, return_full_text=return_full_text)
         return texts[0] if single else texts
 
     def generate_ids(self, prompts, **options) -> list[list[int]]:
@@ -129,11 +130,9 @@ class GPT2:
             raise TypeError("generate_ids takes a non-empty list of token-id lists, e.g. [[464, 3290]]")
         if all(isinstance(p, numbers.Integral) for p in prompts):
             raise TypeError("generate_ids takes a list of token-id lists: wrap a single prompt as [ids]")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, (list, tuple, np.ndarray)) or len(p) == 0:
-                raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {p!r}")
+        prompts = [_prompt_ids(p, i) for i, p in enumerate(prompts)]
         options, seed, _ = generation_arguments(options, method="generate_ids", text=False)
-        return generate_ids(self, [[int(t) for t in p] for p in prompts], options, row_generators(seed, len(prompts)))
+        return generate_ids(self, prompts, options, row_generators(seed, len(prompts)))
 
     def stream(self, prompt, **options):
         """Yield the text of `generate(prompt, ...)` in pieces as it is decided (same options).
@@ -143,3 +142,29 @@ class GPT2:
             raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}")
         options, seed, return_full_text = generation_arguments(options, method="stream")
         return stream_text(self, prompt, options, row_generators(seed, 1)[0], return_full_text=return_full_text)
+
+
+def check_integer_ids(ids, array: np.ndarray, *, what: str) -> None:
+    """The rule for token ids a caller gives (`model(ids)`, `generate_ids`), `array` being np.asarray(ids):
+    integers. Booleans and floats are refused even when they hold whole numbers (True, 1.0), rather
+    than read as ids: in the array's dtype, and in a list, where NumPy turns [5, True] into [5, 1]."""
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+        raise ValueError(f"{what} must be integer token ids, got dtype {array.dtype}")
+    if not isinstance(ids, np.ndarray):
+        flag = next((x for x in np.asarray(ids, dtype=object).ravel() if isinstance(x, (bool, np.bool_))), None)
+        if flag is not None:
+            raise ValueError(f"{what} must be integer token ids, got {flag!r}")
+
+
+def _prompt_ids(prompt, i: int) -> list[int]:
+    """Prompt i of generate_ids as a list of ints, checked by the rule of `check_integer_ids`."""
+    if not isinstance(prompt, (list, tuple, np.ndarray)) or len(prompt) == 0:
+        raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {prompt!r}")
+    try:
+        array = np.asarray(prompt)
+    except ValueError:  # ragged nested lists
+        array = np.asarray(prompt, dtype=object)
+    check_integer_ids(prompt, array, what=f"prompt {i}")
+    if array.ndim != 1:
+        raise ValueError(f"prompt {i} must be a flat list of token ids, got shape {array.shape}")
+    return array.tolist()

@@ -1,6 +1,7 @@
 """Generation: greedy parity with transformers, the KV cache, ragged batches, the sampler's
 semantics against transformers' warpers, stop strings, EOS, streaming and argument errors."""
 
+import re
 import warnings
 
 import numpy as np
@@ -477,6 +478,30 @@ def test_bad_prompts(small):
         small.generate_ids([[60000]])
     with pytest.raises(TypeError, match="one prompt string"):
         small.stream(["a"])
+
+
+NOT_IDS = [  # (a prompt that is not token ids, what the message says it is)
+    ([1.7], "dtype float64"),
+    ([True], "dtype bool"),
+    (["a"], "dtype <U1"),
+    ([5, 2.0], "dtype float64"),
+    ([5, True], "True"),
+    ([5, "a"], "dtype <U21"),
+    (np.array([5.0]), "dtype float64"),
+]
+
+
+@pytest.mark.parametrize("prompt, shown", NOT_IDS)
+def test_generate_ids_takes_integer_ids_by_the_rule_of_model(small, prompt, shown):
+    """[[1.7]] and [[True]] were read as id 1, and [["a"]] leaked int()'s message; model() refuses them all."""
+    with pytest.raises(ValueError, match=rf"^prompt 1 must be integer token ids, got {re.escape(shown)}$"):
+        small.generate_ids([[5, 6], prompt], max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"^ids must be integer token ids, got {re.escape(shown)}$"):
+        small(prompt)
+    with pytest.raises(ValueError, match="prompt 0 must be a flat list of token ids"):
+        small.generate_ids([[[5, 6]]], max_new_tokens=2)
+    ids = [np.array([5, 6]), (np.int32(5), np.int64(6)), [5, 6]]
+    assert len(set(map(tuple, small.generate_ids(ids, max_new_tokens=3, do_sample=False)))) == 1
 
 
 def test_temperature_zero_is_fine_when_greedy(small):

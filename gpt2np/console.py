@@ -158,6 +158,7 @@ positive_int = _bounded(int, lambda v: v >= 1, "at least 1")
 non_negative_int = _bounded(int, lambda v: v >= 0, "0 or more")
 non_negative_float = _bounded(float, lambda v: v >= 0, "0 or more")
 positive_float = _bounded(float, lambda v: v > 0, "more than 0")
+port_number = _bounded(int, lambda v: 0 <= v <= 65535, "in 0..65535 (0 picks a free port)")
 
 
 def probability(text: str) -> float:

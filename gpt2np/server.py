@@ -46,11 +46,24 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from .console import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    ArgumentParser,
+    add_debug_argument,
+    fail,
+    load_model,
+    one_line,
+    port_number,
+    positive_float,
+    positive_int,
+    run,
+    wants_debug,
+)
 from .engine import Engine, Row, check_fits
 from .generation import RowText, prepare_prompts
 from .request import Request, RequestError, parse_request
@@ -521,41 +534,30 @@ class ScoringHandler(BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gpt2np serve",
+def build_parser(prog: str = "gpt2np serve") -> argparse.ArgumentParser:
+    """The flags of `gpt2np serve`; a bad one is a one-line UsageError, as in every gpt2np command."""
+    parser = ArgumentParser(
+        prog=prog,
         description="Serve a GPT-2 model over HTTP in the GPT-2 model card's request format: POST /score "
         '{"input_data": [prompts...], "params": {...}} -> a JSON list of strings. Requests that arrive '
         "while the model is busy join the running batch.",
     )
     parser.add_argument("--model", default="gpt2", help="checkpoint folder or hub repo id (default: gpt2)")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default: {DEFAULT_PORT}; 0 picks a free one")
-    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
-                        help=f"prompts decoded together (default: {DEFAULT_MAX_BATCH_SIZE})")  # fmt: skip
-    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                        help=f"requests that may wait before new ones get 503 (default: {DEFAULT_MAX_QUEUE})")  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help=f"seconds a request may take, waiting included, before 504 (default: {DEFAULT_TIMEOUT:g})")  # fmt: skip
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                        help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")  # fmt: skip
-    parser.add_argument("--max-new-tokens-cap", type=int, default=None,
-                        help="largest max_new_tokens a request may ask (default: context minus prompt)")  # fmt: skip
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help=f"default: {DEFAULT_PORT}; 0 picks a free one")
+    parser.add_argument("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help=f"prompts decoded together (default: {DEFAULT_MAX_BATCH_SIZE})")
+    parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
+                        help=f"requests that may wait before new ones get 503 (default: {DEFAULT_MAX_QUEUE})")
+    parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
+                        help=f"seconds a request may take, waiting included, before 504 (default: {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
+                        help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
+    parser.add_argument("--max-new-tokens-cap", type=positive_int, default=None,
+                        help="largest max_new_tokens a request may ask (default: context minus prompt)")
+    add_debug_argument(parser)
     return parser
-
-
-def parse_args(argv) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for flag in ("max_batch_size", "max_queue", "max_body_bytes", "max_new_tokens_cap"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if not args.timeout > 0:
-        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port must be in 0..65535, got {args.port}")
-    return args
 
 
 def serve_until_signalled(server: ScoringServer) -> None:
@@ -581,28 +583,26 @@ def serve_until_signalled(server: ScoringServer) -> None:
             signal.signal(s, handler)
 
 
-def main(argv=None) -> int:
-    """`gpt2np serve [flags]`: the exit status (0 after a graceful stop)."""
-    from .api import GPT2
+def main(argv=None, *, prog: str = "gpt2np serve") -> int:
+    """`gpt2np serve [flags]`: the exit status (0 after a graceful stop). Errors follow every gpt2np
+    command's convention (gpt2np.console): a bad flag or model is one line on stderr and status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(lambda: serve(argv, prog=prog), prog=prog, debug=wants_debug(argv))
 
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # --help, or a usage error already printed by argparse
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        model = GPT2.from_pretrained(args.model)
-    except (OSError, ValueError) as e:
-        print(f"gpt2np serve: cannot load the model {args.model!r}: {e}", file=sys.stderr)
-        return 1
+
+def serve(argv: list[str], *, prog: str) -> int:
+    """Load the model, listen, and serve until SIGTERM or SIGINT."""
+    args = build_parser(prog).parse_args(argv)
+    model = load_model(args.model, revision="main", cache_dir=None, progress=True)
     try:
         server = ScoringServer((args.host, args.port), model, model_name=args.model, max_batch_size=args.max_batch_size,
                                max_queue=args.max_queue, timeout=args.timeout, max_body_bytes=args.max_body_bytes,
                                max_new_tokens_cap=args.max_new_tokens_cap)  # fmt: skip
     except OSError as e:
-        print(f"gpt2np serve: cannot listen on {args.host}:{args.port}: {e}; choose another --port", file=sys.stderr)
-        return 1
+        message = f"cannot listen on {args.host}:{args.port}: {one_line(e)}; choose another --port"
+        return fail(prog, message, EXIT_FAILURE)
     serve_until_signalled(server)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -402,6 +402,18 @@ def test_serve_and_eval_pass_their_arguments_through(command, module, monkeypatc
     assert received == [["--port", "8000", "--", "-x"]]
 
 
+@pytest.mark.parametrize("argv, needles", [
+    (["serve", "--port", "99999"], ["argument --port: must be in 0..65535", "(see gpt2np serve --help)"]),
+    (["serve", "--max-queue", "0"], ["argument --max-queue: must be at least 1, got 0"]),
+    (["serve", "--model", "/nonexistent"], ["cannot load the model '/nonexistent': no checkpoint folder"]),
+    (["eval", "--model", "/nonexistent", "--task", "ptb", "--data", "x"], ["cannot load the model '/nonexistent'"]),
+    (["eval", "--task", "nope"], ["argument --task: invalid choice: 'nope'"]),
+])
+def test_serve_and_eval_keep_the_one_line_promise(argv, needles, env):
+    """The same parser and errors as generate: once five lines of usage (a bad --port) or status 1 (no model)."""
+    assert_usage_error(run(argv, env, module=True), *needles, prog=f"gpt2np {argv[0]}")
+
+
 def test_a_missing_command_module_is_one_line(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gpt2np.server", None)  # makes `import gpt2np.server` fail
     assert cli.main(["serve"], prog="gpt2np") == 2

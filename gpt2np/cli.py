@@ -36,6 +36,7 @@ from .console import (
     positive_float,
     positive_int,
     probability,
+    require_stdout,
     run,
     stop_text,
     wants_debug,
@@ -125,6 +126,7 @@ def generate_command(argv: list[str], *, prog: str) -> int:
     """`gpt2np generate`: continue one prompt (or a JSON request's prompts) and print the text."""
     args = generate_parser(prog).parse_args(argv)
     check_generate_args(args)
+    require_stdout()
     request = read_request(args.json, args) if args.json is not None else flags_request(args)
     model = load_model(args.model, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet)
     prompts = fit_prompts(model, request, args, prog=prog)
@@ -160,7 +162,7 @@ what is printed:
 
 exit status:
   0 done, 2 bad input (a flag, the request, the model, a prompt too long), 130 interrupted
-  (Ctrl-C), 1 internal error.
+  (Ctrl-C), 1 internal error or output that cannot be written (a full disk, a closed stdout).
 """
     parser = ArgumentParser(prog=prog, description="Continue a prompt with GPT-2 and print the text.",
                             epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -2,9 +2,10 @@
 
 `gpt2np generate` and `download` (gpt2np.cli), `gpt2np serve` (gpt2np.server) and `gpt2np eval`
 (gpt2np.evaluate) all keep one promise: a problem with the input is one line on stderr naming the
-fix, with exit status 2; Ctrl-C is status 130; a reader that left (`| head`) ends it quietly with
-status 1; anything unexpected is one line and status 1, with the traceback under --debug or
-GPT2NP_DEBUG=1. `run` keeps it for a command's body.
+fix, with exit status 2; Ctrl-C is status 130; output that cannot be written (a full disk, a closed
+stdout) is one line and status 1, and a reader that left (`| head`) ends it quietly with status 1;
+anything unexpected is one line and status 1, with the traceback under --debug or GPT2NP_DEBUG=1.
+`run` keeps it for a command's body.
 
 This module imports none of the commands (they all import it), and nothing heavy: a command that
 fails on a bad flag fails before NumPy is loaded.
@@ -13,6 +14,7 @@ fails on a bad flag fails before NumPy is loaded.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import math
 import os
@@ -22,13 +24,17 @@ import traceback
 from collections.abc import Callable
 
 EXIT_OK = 0
-EXIT_FAILURE = 1  # an internal error, or a reader that left
+EXIT_FAILURE = 1  # an internal error, or stdout could not be written
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 128 + 2  # killed by SIGINT, as shells report it
 
 
 class UsageError(Exception):
     """A problem with what the user asked for: printed as one line, exit status 2."""
+
+
+class OutputError(Exception):
+    """stdout cannot take the output (closed, a full disk): printed as one line, exit status 1."""
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -45,13 +51,18 @@ def run(body: Callable[[], int | None], *, prog: str, debug: bool = False, usage
     types to report as bad input (status 2), for a command whose library raises them for bad data."""
     try:
         tolerate_unencodable_output()
-        status = body()
+        with guarded_stdout():
+            status = body()
+            sys.stdout.flush()  # a full disk shows here, not in Python's last flush at exit
         return EXIT_OK if status is None else status
     except KeyboardInterrupt:
         return interrupted(prog)
     except BrokenPipeError:  # `gpt2np ... | head`: the reader left; nothing more to say
         silence_stdout()
         return EXIT_FAILURE
+    except OutputError as e:
+        silence_stdout()
+        return fail(prog, f"cannot write the output: {one_line(e)}", EXIT_FAILURE)
     except SystemExit as e:  # argparse's --help and --version
         return e.code if isinstance(e.code, int) else EXIT_OK
     except (UsageError, *usage_errors) as e:
@@ -108,18 +119,66 @@ def interrupted(prog: str) -> int:
         sys.stdout.flush()
         if sys.stdout.isatty():
             sys.stderr.write("\n")
-    except (OSError, ValueError):
+    except (AttributeError, OSError, ValueError):  # no stdout, or one that cannot be written
         pass
     print(f"{prog}: interrupted", file=sys.stderr)
     return EXIT_INTERRUPTED
 
 
+class _GuardedStdout:
+    """sys.stdout while a command runs: its write and flush failures become OutputErrors, so that they
+    are told apart from other OSErrors (a file that cannot be read is bad input, not bad output)."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        if self._stream is None:
+            raise OutputError("stdout is closed")
+        return self._call(self._stream.write, text)
+
+    def flush(self) -> None:
+        if self._stream is not None:
+            self._call(self._stream.flush)
+
+    def isatty(self) -> bool:
+        return self._stream is not None and self._stream.isatty()
+
+    def __getattr__(self, name):  # encoding, fileno, ...: the stream's own
+        return getattr(self._stream, name)
+
+    @staticmethod
+    def _call(method, *args):
+        try:
+            return method(*args)
+        except BrokenPipeError:
+            raise
+        except (OSError, ValueError) as e:  # ValueError: a stream closed by someone else
+            raise OutputError(e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)) from e
+
+
+def require_stdout() -> None:
+    """Inside `run`: fail now, before any work, when there is no stdout to print on (`>&-`)."""
+    sys.stdout.write("")
+
+
+@contextlib.contextmanager
+def guarded_stdout():
+    """Put a `_GuardedStdout` in place of sys.stdout for the block; the real one is back afterwards."""
+    real = sys.stdout
+    sys.stdout = _GuardedStdout(real)
+    try:
+        yield
+    finally:
+        sys.stdout = real
+
+
 def silence_stdout() -> None:
-    """After a broken pipe, point stdout at /dev/null so Python's final flush cannot fail again."""
+    """After stdout failed, point its descriptor at /dev/null so Python's final flush cannot fail again."""
     try:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, io.UnsupportedOperation):
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):  # AttributeError: no stdout at all
         pass
 
 

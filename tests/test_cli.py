@@ -330,6 +330,31 @@ def test_ctrl_c_exits_130_and_keeps_what_was_printed(tmp_path, env):
     assert printed.startswith(PROMPT) and len(printed) < 3000
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("flags", [["--no-stream"], ["--stream"], ["--help"]])
+def test_a_full_disk_is_one_line_and_status_1(flags, checkpoint, env):
+    """Once "internal error ... please report it"."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, str(SCRIPT), "--model", str(checkpoint), PROMPT, *flags],
+                                stdin=subprocess.DEVNULL, stdout=full, stderr=subprocess.PIPE, env=env, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert result.stderr.decode() == "generate.py: error: cannot write the output: No space left on device\n"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file descriptors")
+@pytest.mark.parametrize("argv", [[PROMPT], ["download", "--help"]])
+def test_a_closed_stdout_is_one_line_and_status_1(argv, checkpoint, env):
+    """`gpt2np ... >&-`: said before any model is loaded; once "internal error ... please report it"."""
+    command = [sys.executable, "-m", "gpt2np", *argv, "--model", str(checkpoint)]
+    if argv[0] == "download":
+        command = command[:-2]
+    closed = {"preexec_fn": lambda: os.close(1)}  # the child starts without a descriptor 1
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO,
+                            timeout=TIMEOUT, **closed)
+    assert result.returncode == 1
+    assert result.stderr.decode() == "python -m gpt2np: error: cannot write the output: stdout is closed\n"
+
+
 # ---------------------------------------------------------------------------------------- help
 def test_help_shows_every_flag_with_its_default_and_the_model_card_example(env):
     result = run(["--help"], env)

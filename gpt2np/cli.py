@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import json
 import os
 import sys
@@ -286,8 +287,13 @@ def read_prompt(prompt: str | None) -> str:
 
 
 def read_stdin(what: str) -> str:
+    """All of stdin, decoded strictly. Python reads stdin with errors="surrogateescape" in the C.UTF-8
+    and POSIX locales, which would turn bytes that are not text into lone surrogates, to be tokenized
+    and echoed back; a prompt must be text."""
     if sys.stdin is None:
         raise UsageError(f"cannot read {what} from stdin: there is no stdin")
+    if isinstance(sys.stdin, io.TextIOWrapper) and sys.stdin.errors != "strict":
+        sys.stdin.reconfigure(errors="strict")
     try:
         return sys.stdin.read()
     except UnicodeDecodeError as e:

@@ -54,14 +54,14 @@ def env(tmp_path_factory) -> dict:
 
 def run(argv, env, *, stdin=None, module=False, cwd=None) -> subprocess.CompletedProcess:
     """Run scripts/generate.py (from outside the repository, as a fresh checkout would), or
-    `python -m gpt2np` (from the repository root). `stdin` is text to feed, a file descriptor, or
-    None for an empty stdin. stdout and stderr come back as str."""
+    `python -m gpt2np` (from the repository root). `stdin` is text (or bytes) to feed, a file
+    descriptor, or None for an empty stdin. stdout and stderr come back as str."""
     if module:
         command, cwd = [sys.executable, "-m", "gpt2np", *argv], cwd or REPO
     else:
         command, cwd = [sys.executable, str(SCRIPT), *argv], cwd or REPO.parent
-    if isinstance(stdin, str):
-        feed = {"input": stdin.encode()}
+    if isinstance(stdin, (str, bytes)):
+        feed = {"input": stdin.encode() if isinstance(stdin, str) else stdin}
     else:  # a file descriptor (a terminal), or nothing to read
         feed = {"stdin": subprocess.DEVNULL if stdin is None else stdin}
     result = subprocess.run(command, **feed, capture_output=True, env=env, cwd=cwd, timeout=TIMEOUT)
@@ -285,6 +285,16 @@ def test_debug_shows_the_traceback(monkeypatch, capsys):
     assert (status, out) == (2, "")
     assert err.startswith("Traceback") and "ValueError: no checkpoint folder" in err
     assert err.splitlines()[-1].startswith("gpt2np: error: cannot load the model")
+
+
+@pytest.mark.parametrize("argv", [[], ["--json", "-"]])
+def test_stdin_that_is_not_utf8_is_one_line(argv, checkpoint, env):
+    """Under a UTF-8 locale Python reads stdin with surrogate escapes: the bytes were once taken as a
+    prompt and echoed back."""
+    stdin = b"ab\xff\xfe" if not argv else b'{"input_data": ["\xff"]}'
+    utf8_locale = {k: v for k, v in env.items() if k != "PYTHONIOENCODING"} | {"LC_ALL": "C.UTF-8"}
+    result = run(["--model", str(checkpoint), *argv], utf8_locale, stdin=stdin)
+    assert_usage_error(result, "on stdin is not text in the utf-8 encoding (invalid start byte); pass UTF-8 text")
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")

@@ -19,7 +19,9 @@ import io
 import math
 import os
 import re
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 
@@ -49,32 +51,71 @@ def run(body: Callable[[], int | None], *, prog: str, debug: bool = False, usage
     """Run a command's body and return its exit status, turning every way it can fail into the
     statuses and one-line messages of the module's docstring. `usage_errors` are more exception
     types to report as bad input (status 2), for a command whose library raises them for bad data."""
+    with counting_ctrl_c() as ctrl_c:
+        pressed_before = ctrl_c.presses
+        try:
+            tolerate_unencodable_output()
+            with guarded_stdout():
+                status = body()
+                sys.stdout.flush()  # a full disk shows here, not in Python's last flush at exit
+            return EXIT_OK if status is None else status
+        except KeyboardInterrupt:
+            return interrupted(prog)
+        except BrokenPipeError:  # `gpt2np ... | head`: the reader left; nothing more to say
+            silence_stdout()
+            return EXIT_FAILURE
+        except OutputError as e:
+            silence_stdout()
+            return fail(prog, f"cannot write the output: {one_line(e)}", EXIT_FAILURE)
+        except SystemExit as e:  # argparse's --help and --version
+            return e.code if isinstance(e.code, int) else EXIT_OK
+        except Exception as e:
+            if ctrl_c.presses > pressed_before:  # raised in place of the KeyboardInterrupt (see counting_ctrl_c)
+                return interrupted(prog)
+            return failed(prog, e, debug=debug, usage=isinstance(e, (UsageError, *usage_errors)))
+
+
+def failed(prog: str, error: Exception, *, debug: bool, usage: bool) -> int:
+    """Say what went wrong in one line: bad input (status 2), or an internal error (status 1)."""
+    if debug:
+        traceback.print_exc()
+    if usage:
+        return fail(prog, one_line(error), EXIT_USAGE)
+    hint = "" if debug else "run again with --debug to see the traceback, and "
+    message = f"internal error ({type(error).__name__}: {one_line(error)}); {hint}please report it"
+    return fail(prog, message, EXIT_FAILURE)
+
+
+class _CtrlC:
+    """A SIGINT handler that raises KeyboardInterrupt, as Python's own does, and counts the presses."""
+
+    def __init__(self):
+        self.presses = 0
+
+    def __call__(self, signum, frame):
+        self.presses += 1
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def counting_ctrl_c():
+    """Count Ctrl-C presses while a command runs. C code can swallow the KeyboardInterrupt and raise
+    another error in its place (NumPy, imported at that moment, then reports a broken installation),
+    so an error after a press is reported as the interruption it is. Python's own handler is replaced
+    only where it is in place (not where SIGINT is ignored), and a nested command shares the count."""
+    current = signal.getsignal(signal.SIGINT)
+    if isinstance(current, _CtrlC):  # a command run by another (gpt2np serve, from gpt2np's main)
+        yield current
+        return
+    if current is not signal.default_int_handler or threading.current_thread() is not threading.main_thread():
+        yield _CtrlC()  # never called: presses stay 0
+        return
+    handler = _CtrlC()
+    signal.signal(signal.SIGINT, handler)
     try:
-        tolerate_unencodable_output()
-        with guarded_stdout():
-            status = body()
-            sys.stdout.flush()  # a full disk shows here, not in Python's last flush at exit
-        return EXIT_OK if status is None else status
-    except KeyboardInterrupt:
-        return interrupted(prog)
-    except BrokenPipeError:  # `gpt2np ... | head`: the reader left; nothing more to say
-        silence_stdout()
-        return EXIT_FAILURE
-    except OutputError as e:
-        silence_stdout()
-        return fail(prog, f"cannot write the output: {one_line(e)}", EXIT_FAILURE)
-    except SystemExit as e:  # argparse's --help and --version
-        return e.code if isinstance(e.code, int) else EXIT_OK
-    except (UsageError, *usage_errors) as e:
-        if debug:
-            traceback.print_exc()
-        return fail(prog, one_line(e), EXIT_USAGE)
-    except Exception as e:
-        if debug:
-            traceback.print_exc()
-        hint = "" if debug else "run again with --debug to see the traceback, and "
-        message = f"internal error ({type(e).__name__}: {one_line(e)}); {hint}please report it"
-        return fail(prog, message, EXIT_FAILURE)
+        yield handler
+    finally:
+        signal.signal(signal.SIGINT, current)
 
 
 def wants_debug(argv: list[str]) -> bool:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -363,6 +364,39 @@ def test_a_closed_stdout_is_one_line_and_status_1(argv, checkpoint, env):
                             timeout=TIMEOUT, **closed)
     assert result.returncode == 1
     assert result.stderr.decode() == "python -m gpt2np: error: cannot write the output: stdout is closed\n"
+
+
+def wait_until_mapped(process: subprocess.Popen, name: str) -> None:
+    """Until the process has mapped a file whose path holds `name` (Linux's /proc/PID/maps): a shared
+    library being imported. Polled every millisecond."""
+    deadline = time.monotonic() + TIMEOUT
+    while name not in Path(f"/proc/{process.pid}/maps").read_text():
+        assert process.poll() is None, process.communicate()[1].decode()
+        assert time.monotonic() < deadline, f"{name} was never mapped"
+        time.sleep(0.001)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see NumPy being imported")
+def test_ctrl_c_while_importing_exits_130_without_a_traceback(tmp_path, env):
+    """SIGINT while `python -m gpt2np` imports NumPy, some 30 to 80 ms after it started: once a
+    KeyboardInterrupt traceback, from the package's __init__, and Python's own exit status."""
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=1024)  # a long generation, should no signal land
+    save_checkpoint(tmp_path / "long", config, random_state_dict(config, seed=1))
+    argv = [sys.executable, "-m", "gpt2np", PROMPT, "--model", str(tmp_path / "long"), "--max-new-tokens", "1000",
+            "--ignore-eos"]
+    for extra in (0, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.04):  # seconds after NumPy's core is mapped
+        started = time.monotonic()
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=env, cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            wait_until_mapped(process, "_multiarray_umath")
+            time.sleep(extra)
+            process.send_signal(signal.SIGINT)
+            after = time.monotonic() - started
+            _, err = process.communicate(timeout=TIMEOUT)
+        finally:
+            process.kill()
+        assert (process.returncode, err.decode()) == (130, "python -m gpt2np: interrupted\n"), (extra, after)
 
 
 # ---------------------------------------------------------------------------------------- help

@@ -7,11 +7,12 @@
 The same commands run as `python -m gpt2np ...`, and `python scripts/generate.py ...` is
 `gpt2np generate ...`.
 
-This module is the only part of gpt2np that prints. A problem with the input (a bad flag value,
-a malformed request, a missing model, a prompt too long for the context) is one line on stderr
-naming the fix, with exit status 2. Ctrl-C exits with status 130, leaving what was printed as it
-was. An unexpected error is one line with status 1; `--debug` (or GPT2NP_DEBUG=1) adds the
-traceback.
+The commands print; the library never does. Every command keeps gpt2np.console's promise: a
+problem with the input (a bad flag value, a malformed request, a missing model, a prompt too long
+for the context) is one line on stderr naming the fix, with exit status 2. Ctrl-C exits with status
+130, leaving what was printed as it was. Output that cannot be written and unexpected errors are one
+line with status 1; `--debug` (or GPT2NP_DEBUG=1) adds the traceback. A request (--json) is read by
+gpt2np.request, as the server reads it.
 """
 
 from __future__ import annotations

@@ -45,6 +45,10 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        check_ctrl_c()  # the command's modules are imported by now: a Ctrl-C they swallowed is raised here
+        return super().parse_args(args, namespace)
+
 
 # ---------------------------------------------------------------------------------------- running
 def run(body: Callable[[], int | None], *, prog: str, debug: bool = False, usage_errors: tuple = ()) -> int:
@@ -58,6 +62,7 @@ def run(body: Callable[[], int | None], *, prog: str, debug: bool = False, usage
             with guarded_stdout():
                 status = body()
                 sys.stdout.flush()  # a full disk shows here, not in Python's last flush at exit
+            check_ctrl_c()
             return EXIT_OK if status is None else status
         except KeyboardInterrupt:
             return interrupted(prog)
@@ -86,23 +91,36 @@ def failed(prog: str, error: Exception, *, debug: bool, usage: bool) -> int:
     return fail(prog, message, EXIT_FAILURE)
 
 
+# ---------------------------------------------------------------------------------------- Ctrl-C
 class _CtrlC:
-    """A SIGINT handler that raises KeyboardInterrupt, as Python's own does, and counts the presses."""
+    """A SIGINT handler that raises KeyboardInterrupt, as Python's own does, and counts the presses.
+
+    It does not raise inside code that exec() runs (dataclasses and namedtuple build their methods
+    so, while modules are imported): a KeyboardInterrupt leaving exec() makes CPython end the process
+    by SIGINT at exit, however it was handled. That press is raised by `check_ctrl_c` instead."""
 
     def __init__(self):
         self.presses = 0
 
     def __call__(self, signum, frame):
         self.presses += 1
+        while frame is not None:
+            code = frame.f_code
+            if code.co_filename == "<string>" and code.co_name == "<module>":  # the code exec() runs
+                return
+            frame = frame.f_back
         raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def counting_ctrl_c():
-    """Count Ctrl-C presses while a command runs. C code can swallow the KeyboardInterrupt and raise
-    another error in its place (NumPy, imported at that moment, then reports a broken installation),
-    so an error after a press is reported as the interruption it is. Python's own handler is replaced
-    only where it is in place (not where SIGINT is ignored), and a nested command shares the count."""
+    """Count Ctrl-C presses while a command runs, because the KeyboardInterrupt can be lost on its way
+    up. While NumPy is imported, Python raises it inside C code that swallows it (and may raise another
+    error instead: a "broken installation"), or inside a callback, where Python prints "Exception
+    ignored ..." with a traceback and goes on; `_CtrlC` holds it back inside exec(). So an error after
+    a press is reported as the interruption it is, `check_ctrl_c` raises a press that was lost or held
+    back, and such a callback's message is not printed. Python's handler is replaced only where it is
+    in place (not where SIGINT is ignored), and a command run by another shares the count."""
     current = signal.getsignal(signal.SIGINT)
     if isinstance(current, _CtrlC):  # a command run by another (gpt2np serve, from gpt2np's main)
         yield current
@@ -110,12 +128,23 @@ def counting_ctrl_c():
     if current is not signal.default_int_handler or threading.current_thread() is not threading.main_thread():
         yield _CtrlC()  # never called: presses stay 0
         return
-    handler = _CtrlC()
+    handler, unraisable = _CtrlC(), sys.unraisablehook
     signal.signal(signal.SIGINT, handler)
+    sys.unraisablehook = lambda failure: None if failure.exc_type is KeyboardInterrupt else unraisable(failure)
     try:
         yield handler
     finally:
         signal.signal(signal.SIGINT, current)
+        sys.unraisablehook = unraisable
+
+
+def check_ctrl_c() -> None:
+    """Raise the KeyboardInterrupt of a Ctrl-C pressed during this command that was lost on its way up
+    (see counting_ctrl_c): a command still running after a press has not seen it. Called after the
+    arguments are parsed (the heavy imports are done), after the model is loaded, and at the end."""
+    handler = signal.getsignal(signal.SIGINT)
+    if isinstance(handler, _CtrlC) and handler.presses:
+        raise KeyboardInterrupt
 
 
 def wants_debug(argv: list[str]) -> bool:
@@ -134,9 +163,11 @@ def load_model(name_or_path: str, *, revision: str, cache_dir: str | None, progr
     from .api import GPT2
 
     try:
-        return GPT2.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, progress=progress)
+        model = GPT2.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, progress=progress)
     except (ValueError, OSError) as e:  # the hub's errors are OSErrors
         raise UsageError(f"cannot load the model {name_or_path!r}: {one_line(e)}") from e
+    check_ctrl_c()
+    return model
 
 
 # ---------------------------------------------------------------------------------------- output

@@ -378,13 +378,15 @@ def wait_until_mapped(process: subprocess.Popen, name: str) -> None:
 
 @pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see NumPy being imported")
 def test_ctrl_c_while_importing_exits_130_without_a_traceback(tmp_path, env):
-    """SIGINT while `python -m gpt2np` imports NumPy, some 30 to 80 ms after it started: once a
-    KeyboardInterrupt traceback, from the package's __init__, and Python's own exit status."""
+    """SIGINT while `python -m gpt2np` imports NumPy and the modules after it, some 30 to 150 ms after
+    it started: once a KeyboardInterrupt traceback from the package's __init__. Landing there, the
+    interrupt can also be swallowed by NumPy's C code (an ImportError instead), by an import lock's
+    callback ("Exception ignored"), or pass through exec() (CPython then ends the process by SIGINT)."""
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=1024)  # a long generation, should no signal land
     save_checkpoint(tmp_path / "long", config, random_state_dict(config, seed=1))
     argv = [sys.executable, "-m", "gpt2np", PROMPT, "--model", str(tmp_path / "long"), "--max-new-tokens", "1000",
             "--ignore-eos"]
-    for extra in (0, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.04):  # seconds after NumPy's core is mapped
+    for extra in (0, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08):  # after NumPy's core is mapped
         started = time.monotonic()
         process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    env=env, cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))

@@ -5,6 +5,13 @@ that `python -m gpt2np` starts without NumPy: the command line takes charge of C
 before anything heavy is imported.
 """
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for type checkers and linters; at run time, __getattr__ imports them when first used
+    from .api import GPT2
+    from .config import GPT2Config
+    from .tokenizer import Tokenizer
+
 __all__ = ["GPT2", "GPT2Config", "Tokenizer"]
 __version__ = "0.1.0"
 

@@ -79,7 +79,6 @@ DISCONNECT_POLL = 0.2  # seconds between two checks that a waiting client is sti
 CLIENT_CLOSED = 499  # the log's status for a request whose client left (nginx's convention)
 
 
-
 class HTTPError(Exception):
     """A request answered with an error status and {"error": message}."""
 

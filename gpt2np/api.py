@@ -19,7 +19,7 @@ from . import engine
 from .checkpoint import CONFIG_NAME, check_tokenizer, load_state_dict, random_state_dict, unflatten
 from .config import GPT2Config
 from .generation import check_prompts, generate_ids, generate_text, stream_text
-from .sampling import GenerationOptions, row_generators
+from .sampling import generation_arguments, row_generators
 from .tokenizer import Tokenizer
 
 
@@ -74,12 +74,12 @@ class GPT2:
 
     def check_ids(self, ids) -> np.ndarray:
         """Token ids as an int array [T] or [B, T], or a ValueError that says what is wrong."""
+        given = ids
         try:
             ids = np.asarray(ids)
         except ValueError as e:  # ragged nested lists
             raise ValueError(f"ids must be a rectangular [T] or [B, T] array of token ids ({e}); pad ragged rows or use generate_ids") from None
-        if ids.dtype == bool or not (np.issubdtype(ids.dtype, np.integer) or ids.size == 0):
-            raise ValueError(f"ids must be integer token ids, got dtype {ids.dtype}")
+        check_integer_ids(given, ids, what="ids")
         if ids.ndim not in (1, 2) or ids.shape[-1] == 0 or ids.size == 0:
             raise ValueError(f"ids must have shape [T] or [B, T] with T >= 1, got shape {ids.shape}")
         if ids.shape[-1] > self.config.n_ctx:
@@ -101,61 +101,70 @@ class GPT2:
         return f"GPT2({self.name!r}, n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, n_ctx={c.n_ctx})"
 
     # ------------------------------------------------------------------ generation
-    def generate(self, prompt_or_prompts, *, max_new_tokens=50, do_sample=True, temperature=0.8, top_p=1.0,
-                 top_k=None, repetition_penalty=1.0, return_full_text=True, stop=None, seed=None,
-                 ignore_eos=False):  # fmt: skip
+    # The options of generate, generate_ids and stream are keyword arguments read by one function,
+    # gpt2np.sampling.generation_arguments: GenerationOptions' fields (whose defaults are written there
+    # alone), seed and, for text, return_full_text. So the three cannot drift apart.
+    def generate(self, prompt_or_prompts, **options):
         """Continue a prompt (str -> str) or several (list -> list, same order).
 
-        Defaults mirror the GPT-2 model card's endpoint: sampling at temperature 0.8, top_p 1.0.
+        The defaults are GenerationOptions': the GPT-2 model card endpoint's (sampling, temperature 0.8).
         `top_k` is off unless given (transformers silently uses 50 when sampling).
         `do_sample=False` is greedy and ignores temperature / top_k / top_p. A row ends at EOS,
         after `max_new_tokens`, or at the first of the `stop` strings (cut from the text).
         `return_full_text=True` returns the prompt verbatim followed by the continuation.
         `seed` makes the call reproducible; row i of a batch draws from the seed's i-th child, so
         a prompt gives the same text alone or in a batch. An empty prompt is conditioned on
-        <|endoftext|>.
+        <|endoftext|>. An unknown option is a TypeError that lists the known ones.
         """
-
         prompts, single = check_prompts(prompt_or_prompts)
-        _check_bool("return_full_text", return_full_text)
-        options = GenerationOptions.make(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                         top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
-                                         ignore_eos=ignore_eos)  # fmt: skip
-        texts = generate_text(self, prompts, options, row_generators(seed, len(prompts)), return_full_text=return_full_text)
+        options, seed, return_full_text = generation_arguments(options, method="generate")
+        rngs = row_generators(seed, len(prompts))
+        texts = generate_text(self, prompts, options, rngs, return_full_text=return_full_text)
         return texts[0] if single else texts
 
-    def generate_ids(self, prompts, *, max_new_tokens=50, do_sample=True, temperature=0.8, top_p=1.0, top_k=None,
-                     repetition_penalty=1.0, stop=None, seed=None, ignore_eos=False) -> list[list[int]]:  # fmt: skip
+    def generate_ids(self, prompts, **options) -> list[list[int]]:
         """Like `generate`, on token ids: a list of id lists in, the new ids of each out (EOS not included;
-        with `stop`, up to and including the token that completed the stop string)."""
-
+        with `stop`, up to and including the token that completed the stop string). The same options,
+        but for return_full_text."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise TypeError("generate_ids takes a non-empty list of token-id lists, e.g. [[464, 3290]]")
         if all(isinstance(p, numbers.Integral) for p in prompts):
             raise TypeError("generate_ids takes a list of token-id lists: wrap a single prompt as [ids]")
-        for i, p in enumerate(prompts):
-            if not isinstance(p, (list, tuple, np.ndarray)) or len(p) == 0:
-                raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {p!r}")
-        options = GenerationOptions.make(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                         top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
-                                         ignore_eos=ignore_eos)  # fmt: skip
-        return generate_ids(self, [[int(t) for t in p] for p in prompts], options, row_generators(seed, len(prompts)))
+        prompts = [_prompt_ids(p, i) for i, p in enumerate(prompts)]
+        options, seed, _ = generation_arguments(options, method="generate_ids", text=False)
+        return generate_ids(self, prompts, options, row_generators(seed, len(prompts)))
 
-    def stream(self, prompt, *, max_new_tokens=50, do_sample=True, temperature=0.8, top_p=1.0, top_k=None,
-               repetition_penalty=1.0, return_full_text=True, stop=None, seed=None, ignore_eos=False):  # fmt: skip
+    def stream(self, prompt, **options):
         """Yield the text of `generate(prompt, ...)` in pieces as it is decided (same options).
         A character split across tokens is held back until complete; so is text that a stop string
         could still remove. The pieces join to exactly what `generate` returns for the same seed."""
-
         if not isinstance(prompt, str):
             raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}")
-        _check_bool("return_full_text", return_full_text)
-        options = GenerationOptions.make(max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                         top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, stop=stop,
-                                         ignore_eos=ignore_eos)  # fmt: skip
+        options, seed, return_full_text = generation_arguments(options, method="stream")
         return stream_text(self, prompt, options, row_generators(seed, 1)[0], return_full_text=return_full_text)
 
 
-def _check_bool(name, value):
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
+def check_integer_ids(ids, array: np.ndarray, *, what: str) -> None:
+    """The rule for token ids a caller gives (`model(ids)`, `generate_ids`), `array` being np.asarray(ids):
+    integers. Booleans and floats are refused even when they hold whole numbers (True, 1.0), rather
+    than read as ids: in the array's dtype, and in a list, where NumPy turns [5, True] into [5, 1]."""
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.integer) or array.size == 0):
+        raise ValueError(f"{what} must be integer token ids, got dtype {array.dtype}")
+    if not isinstance(ids, np.ndarray):
+        flag = next((x for x in np.asarray(ids, dtype=object).ravel() if isinstance(x, (bool, np.bool_))), None)
+        if flag is not None:
+            raise ValueError(f"{what} must be integer token ids, got {flag!r}")
+
+
+def _prompt_ids(prompt, i: int) -> list[int]:
+    """Prompt i of generate_ids as a list of ints, checked by the rule of `check_integer_ids`."""
+    if not isinstance(prompt, (list, tuple, np.ndarray)) or len(prompt) == 0:
+        raise ValueError(f"prompt {i} must be a non-empty list of token ids, got {prompt!r}")
+    try:
+        array = np.asarray(prompt)
+    except ValueError:  # ragged nested lists
+        array = np.asarray(prompt, dtype=object)
+    check_integer_ids(prompt, array, what=f"prompt {i}")
+    if array.ndim != 1:
+        raise ValueError(f"prompt {i} must be a flat list of token ids, got shape {array.shape}")
+    return array.tolist()

@@ -7,11 +7,12 @@
 The same commands run as `python -m gpt2np ...`, and `python scripts/generate.py ...` is
 `gpt2np generate ...`.
 
-This module is the only part of gpt2np that prints. A problem with the input (a bad flag value,
-a malformed request, a missing model, a prompt too long for the context) is one line on stderr
-naming the fix, with exit status 2. Ctrl-C exits with status 130, leaving what was printed as it
-was. An unexpected error is one line with status 1; `--debug` (or GPT2NP_DEBUG=1) adds the
-traceback.
+The commands print; the library never does. Every command keeps gpt2np.console's promise: a
+problem with the input (a bad flag value, a malformed request, a missing model, a prompt too long
+for the context) is one line on stderr naming the fix, with exit status 2. Ctrl-C exits with status
+130, leaving what was printed as it was. Output that cannot be written and unexpected errors are one
+line with status 1; `--debug` (or GPT2NP_DEBUG=1) adds the traceback. A request (--json) is read by
+gpt2np.request, as the server reads it.
 """
 
 from __future__ import annotations
@@ -20,29 +21,33 @@ import argparse
 import importlib
 import io
 import json
-import math
 import os
-import re
 import sys
 import textwrap
-import traceback
-from dataclasses import dataclass
 
-EXIT_OK = 0
-EXIT_INTERNAL_ERROR = 1
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 128 + 2  # killed by SIGINT, as shells report it
+from .console import (
+    EXIT_OK,
+    ArgumentParser,
+    UsageError,
+    add_debug_argument,
+    load_model,
+    non_negative_float,
+    non_negative_int,
+    note,
+    one_line,
+    positive_float,
+    positive_int,
+    probability,
+    require_stdout,
+    run,
+    stop_text,
+    wants_debug,
+)
 
 # `gpt2np serve ...` and `gpt2np eval ...` hand their arguments, unchanged, to `main(argv) -> int`
 # of these modules, imported only when asked for.
 MODULE_COMMANDS = {"serve": "gpt2np.server", "eval": "gpt2np.evaluate"}
 COMMANDS = ("generate", "download", *MODULE_COMMANDS)
-
-# The sample request of GPT-2's model card for its inference endpoint.
-MODEL_CARD_REQUEST = {
-    "input_data": ["I believe the meaning of life is"],
-    "params": {"top_p": 1.0, "temperature": 0.8, "max_new_tokens": 100, "do_sample": True, "return_full_text": True},
-}
 
 TOP_LEVEL_HELP = """\
 usage: {prog} [generate] [PROMPT] [options]
@@ -63,17 +68,6 @@ commands:
 """
 
 
-class UsageError(Exception):
-    """A problem with what the user asked for: printed as one line, exit status 2."""
-
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad flag is a one-line UsageError instead of usage text and exit."""
-
-    def error(self, message):
-        raise UsageError(f"{message} (see {self.prog} --help)")
-
-
 # ---------------------------------------------------------------------------------------- entry
 def main(argv=None, *, prog=None, command=None) -> int:
     """Run the command line (`argv` defaults to sys.argv[1:]) and return the exit status.
@@ -83,27 +77,11 @@ def main(argv=None, *, prog=None, command=None) -> int:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     prog = prog or os.path.basename(sys.argv[0]) or "gpt2np"
-    debug = wants_debug(argv)
-    tolerate_unencodable_output()
-    try:
+
+    def body() -> int:
         return dispatch(argv, prog) if command is None else run_command(command, argv, prog=prog)
-    except UsageError as e:
-        if debug:
-            traceback.print_exc()
-        return fail(prog, str(e), EXIT_USAGE)
-    except KeyboardInterrupt:
-        return interrupted(prog)
-    except BrokenPipeError:  # `gpt2np ... | head`: the reader left; nothing more to say
-        silence_stdout()
-        return EXIT_INTERNAL_ERROR
-    except SystemExit as e:  # argparse's --help and --version
-        return e.code if isinstance(e.code, int) else EXIT_OK
-    except Exception as e:
-        if debug:
-            traceback.print_exc()
-        hint = "" if debug else "run again with --debug to see the traceback, and "
-        message = f"internal error ({type(e).__name__}: {one_line(e)}); {hint}please report it"
-        return fail(prog, message, EXIT_INTERNAL_ERROR)
+
+    return run(body, prog=prog, debug=wants_debug(argv))
 
 
 def dispatch(argv: list[str], prog: str) -> int:
@@ -145,82 +123,29 @@ def module_command(command: str, argv: list[str]) -> int:
     return EXIT_OK if status is None else status
 
 
-def wants_debug(argv: list[str]) -> bool:
-    options = argv[: argv.index("--")] if "--" in argv else argv
-    return "--debug" in options or os.environ.get("GPT2NP_DEBUG", "") not in ("", "0")
-
-
-# ---------------------------------------------------------------------------------------- output
-def fail(prog: str, message: str, status: int) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return status
-
-
-def note(prog: str, message: str) -> None:
-    print(f"{prog}: note: {message}", file=sys.stderr)
-
-
-def one_line(error: BaseException) -> str:
-    """An exception's message on one line (or its type's name if it has none)."""
-    return re.sub(r"\s*\n\s*", " ", str(error)).strip() or type(error).__name__
-
-
-def interrupted(prog: str) -> int:
-    """Ctrl-C: keep everything printed so far, end the terminal's line, say so on stderr."""
-    try:
-        sys.stdout.flush()
-        if sys.stdout.isatty():
-            sys.stderr.write("\n")
-    except (OSError, ValueError):
-        pass
-    print(f"{prog}: interrupted", file=sys.stderr)
-    return EXIT_INTERRUPTED
-
-
-def silence_stdout() -> None:
-    """After a broken pipe, point stdout at /dev/null so Python's final flush cannot fail again."""
-    try:
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-    except (OSError, ValueError, io.UnsupportedOperation):
-        pass
-
-
-def tolerate_unencodable_output() -> None:
-    """Generated text can hold any character; a terminal that cannot show one gets '?', not a crash."""
-    for stream in (sys.stdout, sys.stderr):
-        if isinstance(stream, io.TextIOWrapper) and stream.errors == "strict":
-            stream.reconfigure(errors="replace")
-
-
 # ---------------------------------------------------------------------------------------- generate
 def generate_command(argv: list[str], *, prog: str) -> int:
     """`gpt2np generate`: continue one prompt (or a JSON request's prompts) and print the text."""
     args = generate_parser(prog).parse_args(argv)
     check_generate_args(args)
-    options = generation_options(args)
-    if args.json is not None:
-        request = read_request(args.json)
-        options |= request.params
-        check_options(options, source=request.source)
-        prompts = request.prompts
-    else:
-        check_options(options, source="the options")
-        prompts = [read_prompt(args.prompt)]
+    require_stdout()
+    request = read_request(args.json, args) if args.json is not None else flags_request(args)
     model = load_model(args.model, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet)
-    prompts = fit_prompts(model, prompts, options["max_new_tokens"], args, prog=prog)
+    prompts = fit_prompts(model, request, args, prog=prog)
     if args.json is not None:
-        print_json_answer(model, prompts, options, args.num_samples, out=sys.stdout)
+        print_json_answer(model, prompts, request, args.num_samples, out=sys.stdout)
     elif should_stream(args, sys.stdout):
-        stream_samples(model, prompts[0], options, args.num_samples, out=sys.stdout)
+        stream_samples(model, prompts[0], request, args.num_samples, out=sys.stdout)
     else:
-        print_samples(model, prompts[0], options, args.num_samples, out=sys.stdout)
+        print_samples(model, prompts[0], request, args.num_samples, out=sys.stdout)
     return EXIT_OK
 
 
 def generate_parser(prog: str) -> ArgumentParser:
+    from .request import MODEL_CARD_REQUEST, PARAMS
+
     request = textwrap.indent(json.dumps(MODEL_CARD_REQUEST, indent=2), " " * 6)
-    extra_params = [name for name in REQUEST_PARAMS if name not in MODEL_CARD_REQUEST["params"]]
+    extra_params = [name for name in PARAMS if name not in MODEL_CARD_REQUEST["params"]]
     epilog = f"""\
 examples:
   %(prog)s "I believe the meaning of life is"
@@ -239,7 +164,7 @@ what is printed:
 
 exit status:
   0 done, 2 bad input (a flag, the request, the model, a prompt too long), 130 interrupted
-  (Ctrl-C), 1 internal error.
+  (Ctrl-C), 1 internal error or output that cannot be written (a full disk, a closed stdout).
 """
     parser = ArgumentParser(prog=prog, description="Continue a prompt with GPT-2 and print the text.",
                             epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -252,27 +177,7 @@ exit status:
                              "checkpoint folder (default: %(default)s)")  # fmt: skip
     add_hub_arguments(parser)
     g = parser.add_argument_group("generation")
-    g.add_argument("--max-new-tokens", type=positive_int, default=50, metavar="N",
-                   help="generate at most N tokens (default: %(default)s)")  # fmt: skip
-    g.add_argument("--temperature", type=non_negative_float, default=0.8, metavar="T",
-                   help="sampling temperature, > 0; lower is more predictable (default: %(default)s)")  # fmt: skip
-    g.add_argument("--top-p", type=probability, default=1.0, metavar="P",
-                   help="nucleus sampling: draw from the most likely tokens that together reach probability P, "
-                        "in (0, 1]; 1 turns it off (default: %(default)s)")  # fmt: skip
-    g.add_argument("--top-k", type=positive_int, default=None, metavar="K",
-                   help="draw only from the K most likely tokens (default: off)")
-    g.add_argument("--repetition-penalty", type=positive_float, default=1.0, metavar="R",
-                   help="R > 1 makes tokens already in the text less likely; 1 turns it off (default: %(default)s)")
-    g.add_argument("--greedy", action="store_true",
-                   help="always take the most likely token (do_sample off: --temperature, --top-k and --top-p "
-                        "are not used) (default: sample)")  # fmt: skip
-    g.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
-                   help="random seed: the same seed and options give the same text (default: a new seed each run)")
-    g.add_argument("--stop", action="append", type=stop_text, default=None, metavar="TEXT",
-                   help="end the text before the first TEXT; repeatable; \\n, \\t, \\r and \\\\ are understood "
-                        "(default: none)")  # fmt: skip
-    g.add_argument("--ignore-eos", action="store_true",
-                   help="keep generating past the end-of-text token (default: stop there)")
+    add_generation_arguments(g)
     g.add_argument("--truncate-prompt", action="store_true",
                    help="when the prompt and --max-new-tokens do not fit the model's context, keep the prompt's "
                         "last tokens instead of failing (default: fail)")  # fmt: skip
@@ -288,8 +193,36 @@ exit status:
                    help="read a request in the model card endpoint's format from FILE ('-' for stdin) and print "
                         "the answer as a JSON list of strings (default: none)")  # fmt: skip
     o.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr (default: show them)")
-    o.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
+    add_debug_argument(o)
     return parser
+
+
+def add_generation_arguments(g) -> None:
+    """The flags of GenerationOptions' fields, and --seed. Their defaults are GenerationOptions' own."""
+    from .sampling import GenerationOptions
+
+    d = GenerationOptions()
+    g.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens, metavar="N",
+                   help="generate at most N tokens (default: %(default)s)")  # fmt: skip
+    g.add_argument("--temperature", type=non_negative_float, default=d.temperature, metavar="T",
+                   help="sampling temperature, > 0; lower is more predictable (default: %(default)s)")  # fmt: skip
+    g.add_argument("--top-p", type=probability, default=d.top_p, metavar="P",
+                   help="nucleus sampling: draw from the most likely tokens that together reach probability P, "
+                        "in (0, 1]; 1 turns it off (default: %(default)s)")  # fmt: skip
+    g.add_argument("--top-k", type=positive_int, default=d.top_k, metavar="K",
+                   help=f"draw only from the K most likely tokens (default: {d.top_k or 'off'})")
+    g.add_argument("--repetition-penalty", type=positive_float, default=d.repetition_penalty, metavar="R",
+                   help="R > 1 makes tokens already in the text less likely; 1 turns it off (default: %(default)s)")
+    g.add_argument("--greedy", dest="do_sample", action="store_false", default=d.do_sample,
+                   help="always take the most likely token (do_sample off: --temperature, --top-k and --top-p "
+                        f"are not used) (default: {'sample' if d.do_sample else 'greedy'})")  # fmt: skip
+    g.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
+                   help="random seed: the same seed and options give the same text (default: a new seed each run)")
+    g.add_argument("--stop", action="append", type=stop_text, default=None, metavar="TEXT",
+                   help="end the text before the first TEXT; repeatable; \\n, \\t, \\r and \\\\ are understood "
+                        "(default: none)")  # fmt: skip
+    g.add_argument("--ignore-eos", action="store_true", default=d.ignore_eos,
+                   help="keep generating past the end-of-text token (default: stop there)")
 
 
 def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
@@ -305,30 +238,28 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError("pass either a PROMPT or --json FILE, not both")
     if args.json is not None and args.stream:
         raise UsageError("--stream cannot be used with --json: the answer is printed as one JSON list")
-    if args.json is None and not args.greedy and args.temperature == 0:  # a request's do_sample may still say false
+    if args.json is None and args.do_sample and args.temperature == 0:  # a request's do_sample may still say false
         raise UsageError("--temperature must be > 0 when sampling; for deterministic text use --greedy")
 
 
-def generation_options(args: argparse.Namespace) -> dict:
+def generation_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of GPT2.generate, as the flags set them."""
-    return dict(max_new_tokens=args.max_new_tokens, do_sample=not args.greedy, temperature=args.temperature,
+    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
                 top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop,
                 seed=args.seed, ignore_eos=args.ignore_eos, return_full_text=not args.no_full_text)  # fmt: skip
 
 
-def check_options(options: dict, *, source: str) -> None:
-    """Validate the generation options before any model is loaded, so a typo costs no download."""
+def flags_request(args: argparse.Namespace):
+    """The prompt and the flags as a checked request; the options are checked before stdin is read
+    or any model is loaded, so a typo costs no download."""
+    from .request import Request
+    from .sampling import generation_arguments
+
     try:
-        sampler_options(options)
+        options, seed, return_full_text = generation_arguments(generation_kwargs(args), method="generate")
     except (TypeError, ValueError) as e:
-        raise UsageError(f"{source}: {one_line(e)}") from e
-
-
-def sampler_options(options: dict):
-    """The GenerationOptions of GPT2.generate's keyword arguments (all but seed and return_full_text)."""
-    from .sampling import GenerationOptions
-
-    return GenerationOptions.make(**{k: v for k, v in options.items() if k not in ("seed", "return_full_text")})
+        raise UsageError(one_line(e)) from e
+    return Request([read_prompt(args.prompt)], options, seed, return_full_text)
 
 
 def should_stream(args: argparse.Namespace, out) -> bool:
@@ -339,54 +270,6 @@ def should_stream(args: argparse.Namespace, out) -> bool:
         return out.isatty()
     except (AttributeError, ValueError):
         return False
-
-
-# ---------------------------------------------------------------------------------------- flag types
-def _bounded(kind, ok, rule: str):
-    """An argparse type: parse `kind` ("an integer" or "a number") and require ok(value)."""
-    what = "an integer" if kind is int else "a number"
-
-    def parse(text: str):
-        value = _parse(kind, text, what)
-        if not ok(value):
-            raise argparse.ArgumentTypeError(f"must be {rule}, got {value if kind is int else text}")
-        return value
-
-    return parse
-
-
-positive_int = _bounded(int, lambda v: v >= 1, "at least 1")
-non_negative_int = _bounded(int, lambda v: v >= 0, "0 or more")
-non_negative_float = _bounded(float, lambda v: v >= 0, "0 or more")
-positive_float = _bounded(float, lambda v: v > 0, "more than 0")
-
-
-def probability(text: str) -> float:
-    value = _parse(float, text, "a number")
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (1 turns it off), got {text}")
-    return value
-
-
-def _parse(kind, text: str, what: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
-
-
-def stop_text(text: str) -> str:
-    """A --stop value, with \\n, \\t, \\r and \\\\ turned into the characters (a shell passes them literally)."""
-    value = re.sub(r"\\(.)", lambda m: _ESCAPES.get(m[1], m[0]), text)
-    if not value:
-        raise argparse.ArgumentTypeError("must not be empty")
-    return value
 
 
 # ---------------------------------------------------------------------------------------- input
@@ -405,8 +288,13 @@ def read_prompt(prompt: str | None) -> str:
 
 
 def read_stdin(what: str) -> str:
+    """All of stdin, decoded strictly. Python reads stdin with errors="surrogateescape" in the C.UTF-8
+    and POSIX locales, which would turn bytes that are not text into lone surrogates, to be tokenized
+    and echoed back; a prompt must be text."""
     if sys.stdin is None:
         raise UsageError(f"cannot read {what} from stdin: there is no stdin")
+    if isinstance(sys.stdin, io.TextIOWrapper) and sys.stdin.errors != "strict":
+        sys.stdin.reconfigure(errors="strict")
     try:
         return sys.stdin.read()
     except UnicodeDecodeError as e:
@@ -414,62 +302,23 @@ def read_stdin(what: str) -> str:
                          "pass UTF-8 text, or set PYTHONIOENCODING") from e  # fmt: skip
 
 
-@dataclass(frozen=True)
-class Request:
-    """A generation request in the model card endpoint's format, checked."""
+def read_request(path: str, args: argparse.Namespace):
+    """Read and check a request (gpt2np.request) from a file, or from stdin when `path` is '-'; its
+    params override the flags. A bad request is a UsageError naming where it came from."""
+    from .request import RequestError, parse_request
 
-    prompts: list[str]
-    params: dict
-    source: str  # how messages name it: "request.json", "the request on stdin"
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _is_integer(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    source = "the request on stdin" if path == "-" else path
+    text = read_stdin("the JSON request") if path == "-" else read_request_file(path)
+    try:
+        return parse_request(text, defaults=generation_kwargs(args))
+    except RequestError as e:
+        raise UsageError(f"{source}: {e}") from e
 
 
-def _is_boolean(v) -> bool:
-    return isinstance(v, bool)
-
-
-def _is_optional_integer(v) -> bool:
-    return v is None or (_is_integer(v) and v >= 1)
-
-
-def _is_optional_seed(v) -> bool:
-    return v is None or (_is_integer(v) and v >= 0)
-
-
-def _is_stop(v) -> bool:
-    return v is None or isinstance(v, str) or (isinstance(v, list) and all(isinstance(s, str) for s in v))
-
-
-# The request's "params": the model card's five, then the other options of GPT2.generate, each
-# with the JSON it must be (numbers' ranges are checked by GenerationOptions).
-REQUEST_PARAMS = {
-    "top_p": (_is_number, "a number"),
-    "temperature": (_is_number, "a number"),
-    "max_new_tokens": (_is_integer, "an integer"),
-    "do_sample": (_is_boolean, "true or false"),
-    "return_full_text": (_is_boolean, "true or false"),
-    "top_k": (_is_optional_integer, "a positive integer or null"),
-    "repetition_penalty": (_is_number, "a number"),
-    "stop": (_is_stop, "a string, a list of strings or null"),
-    "seed": (_is_optional_seed, "a non-negative integer or null"),
-    "ignore_eos": (_is_boolean, "true or false"),
-}
-
-
-def read_request(path: str) -> Request:
-    """Read and check a request from a file, or from stdin when `path` is '-'."""
-    if path == "-":
-        return parse_request(read_stdin("the JSON request"), source="the request on stdin")
+def read_request_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:
-            text = f.read()
+            return f.read()
     except FileNotFoundError:
         raise UsageError(f"--json {path}: no such file; pass the path of a request file, "
                          "or - to read it from stdin") from None
@@ -477,83 +326,17 @@ def read_request(path: str) -> Request:
         raise UsageError(f"--json {path}: not UTF-8 text ({e.reason}); save the request as UTF-8 JSON") from e
     except OSError as e:
         raise UsageError(f"--json {path}: cannot read it ({e.strerror}); pass the path of a request file") from e
-    return parse_request(text, source=path)
-
-
-def parse_request(text: str, *, source: str) -> Request:
-    """Check a request's JSON: {"input_data": [prompts...], "params": {...}}, or Azure ML's
-    {"input_data": {"input_string": [prompts...], "parameters": {...}}}."""
-    example = json.dumps(MODEL_CARD_REQUEST)
-    try:
-        request = json.loads(text, parse_constant=_reject_constant)
-    except ValueError as e:
-        raise UsageError(f"{source} is not valid JSON ({e}); a request looks like {example}") from e
-    if not isinstance(request, dict):
-        raise UsageError(f"{source}: the request must be a JSON object like {example}")
-    _reject_unknown_keys(request, ("input_data", "params"), where="the request", source=source)
-    data, params = request.get("input_data"), request.get("params", {})
-    if isinstance(data, dict):  # Azure ML's shape: the params travel inside input_data
-        if "params" in request:
-            raise UsageError(f'{source}: put the parameters in "params" or in input_data\'s "parameters", not both')
-        _reject_unknown_keys(data, ("input_string", "parameters"), where='"input_data"', source=source)
-        data, params = data.get("input_string"), data.get("parameters", {})
-    prompts = check_input_data(data, source=source)
-    return Request(prompts=prompts, params=check_params(params, source=source), source=source)
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _reject_unknown_keys(obj: dict, known: tuple[str, ...], *, where: str, source: str) -> None:
-    unknown = [k for k in obj if k not in known]
-    if unknown:
-        raise UsageError(f"{source}: unknown key {unknown[0]!r} in {where}; it may hold {', '.join(map(repr, known))}")
-
-
-def check_input_data(data, *, source: str) -> list[str]:
-    if data is None:
-        raise UsageError(f'{source}: the request has no "input_data"; '
-                         'give the prompts as "input_data": ["a prompt", ...]')
-    if not isinstance(data, list) or not data:
-        raise UsageError(f'{source}: "input_data" must be a non-empty list of prompt strings, like ["a prompt"]')
-    for i, prompt in enumerate(data):
-        if not isinstance(prompt, str):
-            raise UsageError(f'{source}: "input_data"[{i}] must be a string, got {json.dumps(prompt)}')
-    return data
-
-
-def check_params(params, *, source: str) -> dict:
-    if not isinstance(params, dict):
-        raise UsageError(f'{source}: "params" must be a JSON object like {json.dumps(MODEL_CARD_REQUEST["params"])}')
-    for name, value in params.items():
-        if name not in REQUEST_PARAMS:
-            raise UsageError(f"{source}: unknown param {name!r}; the known params are {', '.join(REQUEST_PARAMS)}")
-        is_valid, expected = REQUEST_PARAMS[name]
-        if not is_valid(value):
-            raise UsageError(f"{source}: param {name!r} must be {expected}, got {json.dumps(value)}")
-    return dict(params)
 
 
 # ---------------------------------------------------------------------------------------- model
-def load_model(name_or_path: str, *, revision: str, cache_dir: str | None, progress: bool):
-    """GPT2.from_pretrained, with a failure (no such folder or repo, no network, a bad checkpoint)
-    turned into a UsageError that names the model."""
-    from .api import GPT2
-
-    try:
-        return GPT2.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, progress=progress)
-    except (ValueError, OSError) as e:  # the hub's errors are OSErrors
-        raise UsageError(f"cannot load the model {name_or_path!r}: {one_line(e)}") from e
-
-
-def fit_prompts(model, prompts: list[str], max_new_tokens: int, args, *, prog: str) -> list[str]:
+def fit_prompts(model, request, args: argparse.Namespace, *, prog: str) -> list[str]:
     """The prompts, each checked to fit the context with max_new_tokens, or cut to fit (--truncate-prompt)."""
-    from_json = args.json is not None
-    limit = "max_new_tokens" if from_json else "--max-new-tokens"  # as the user spelled it
+    max_new_tokens = request.options.max_new_tokens
+    from_request = args.json is not None and "max_new_tokens" in request.params
+    limit = request.param_field("max_new_tokens") if from_request else "--max-new-tokens"  # as the user set it
     fitted = []
-    for i, prompt in enumerate(prompts):
-        name = f'"input_data"[{i}]' if from_json else "the prompt"
+    for i, prompt in enumerate(request.prompts):
+        name = request.prompt_field(i) if args.json is not None else "the prompt"
         text = fit_prompt(model, prompt, max_new_tokens, truncate=args.truncate_prompt, name=name, limit=limit)
         if text is not prompt and not args.quiet:
             n_ctx, kept = model.config.n_ctx, len(model.tokenizer.encode(text, allowed_special="all"))
@@ -564,21 +347,25 @@ def fit_prompts(model, prompts: list[str], max_new_tokens: int, args, *, prog: s
 
 
 def fit_prompt(model, prompt: str, max_new_tokens: int, *, truncate: bool, name: str, limit: str) -> str:
-    """The prompt itself if it fits the context with max_new_tokens; else, with `truncate`, the
-    text of its last tokens that do; else a UsageError naming the ways out."""
+    """The prompt itself if it fits the context with max_new_tokens (the one rule: engine.check_fits);
+    else, with `truncate`, the text of its last tokens that do; else a UsageError naming the ways out."""
+    from .engine import check_fits
+    from .generation import prepare_prompts
+
     n_ctx = model.config.n_ctx
-    if max_new_tokens >= n_ctx:
+    budget = n_ctx - max_new_tokens  # the prompt tokens that fit
+    if truncate and budget < 1:
         raise UsageError(f"{limit} {max_new_tokens} leaves no room for a prompt in the model's {n_ctx}-token "
-                         f"context; use at most {n_ctx - 1}")  # fmt: skip
-    ids = model.tokenizer.encode(prompt, allowed_special="all")  # as generate encodes it
-    budget = n_ctx - max_new_tokens
-    if len(ids) <= budget:
+                         f"context, however short; use at most {n_ctx - 1}")  # fmt: skip
+    (ids,) = prepare_prompts(model.tokenizer, [prompt], bos=model.config.bos_token_id)  # as generate encodes it
+    try:
+        check_fits(len(ids), max_new_tokens, n_ctx, what=name, limit=limit)
         return prompt
-    if not truncate:
-        room = f"lower {limit} to {n_ctx - len(ids)}, " if len(ids) < n_ctx else ""
-        raise UsageError(f"{name} is {len(ids)} tokens and {limit} is {max_new_tokens}, more than the model's "
-                         f"{n_ctx}-token context: {room}shorten the prompt, or pass --truncate-prompt to keep "
-                         f"its last {budget} tokens")  # fmt: skip
+    except ValueError as e:
+        if not truncate:
+            tokens = f"{budget} token{'s' if budget != 1 else ''}"
+            hint = f"; or pass --truncate-prompt to keep its last {tokens}" if budget >= 1 else ""
+            raise UsageError(f"{e}{hint}") from e
     return last_tokens_text(model.tokenizer, ids, budget)
 
 
@@ -601,33 +388,32 @@ def sample_header(i: int, n: int) -> str:
     return f"=== sample {i + 1} of {n} ===\n" if n > 1 else ""
 
 
-def print_samples(model, prompt: str, options: dict, n: int, *, out) -> None:
+def print_samples(model, prompt: str, request, n: int, *, out) -> None:
     """Generate n samples in one batch, then print them. Sample i draws from the seed's i-th child."""
-    texts = model.generate([prompt] * n, **options)
+    texts = model.generate([prompt] * n, **request.arguments())
     for i, text in enumerate(texts):
         out.write(sample_header(i, n) + text + "\n")
     out.flush()
 
 
-def stream_samples(model, prompt: str, options: dict, n: int, *, out) -> None:
+def stream_samples(model, prompt: str, request, n: int, *, out) -> None:
     """Print n samples one after the other, each piece as soon as it is decided. Sample i draws
     from the seed's i-th child, as in print_samples, so both print the same text."""
     from .generation import stream_text
     from .sampling import row_generators
 
-    sampler = sampler_options(options)
-    for i, rng in enumerate(row_generators(options["seed"], n)):
+    for i, rng in enumerate(row_generators(request.seed, n)):
         out.write(sample_header(i, n))
-        for piece in stream_text(model, prompt, sampler, rng, return_full_text=options["return_full_text"]):
+        for piece in stream_text(model, prompt, request.options, rng, return_full_text=request.return_full_text):
             out.write(piece)
             out.flush()
         out.write("\n")
         out.flush()
 
 
-def print_json_answer(model, prompts: list[str], options: dict, n: int, *, out) -> None:
+def print_json_answer(model, prompts: list[str], request, n: int, *, out) -> None:
     """The endpoint's answer: a JSON list with one string per prompt (n per prompt, in order, when n > 1)."""
-    texts = model.generate([p for p in prompts for _ in range(n)], **options)
+    texts = model.generate([p for p in prompts for _ in range(n)], **request.arguments())
     out.write(json.dumps(texts, indent=2) + "\n")
     out.flush()
 
@@ -644,7 +430,7 @@ def download_command(argv: list[str], *, prog: str) -> int:
                              "(default: %(default)s)")  # fmt: skip
     add_hub_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
-    parser.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
+    add_debug_argument(parser)
     args = parser.parse_args(argv)
     from .hub import snapshot_download
 

@@ -13,15 +13,26 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 
 
 # ---------------------------------------------------------------------------------------- options
+class OptionError(ValueError):
+    """A generation option outside its range. The message is `field` then `rule` ("top_p must be in
+    (0, 1] ..."), so that a caller with its own spelling of the field (the request's "params.top_p")
+    can name it its way. Wrong types are TypeErrors, in the words of the caller's language."""
+
+    def __init__(self, field: str, rule: str):
+        super().__init__(f"{field} {rule}")
+        self.field, self.rule = field, rule
+
+
 @dataclass(frozen=True)
 class GenerationOptions:
-    """Every generation option, validated. The defaults mirror the GPT-2 model card's endpoint."""
+    """Every generation option, validated: the one place their defaults are written. The defaults
+    mirror the GPT-2 model card's endpoint."""
 
     max_new_tokens: int = 50
     do_sample: bool = True
@@ -33,35 +44,25 @@ class GenerationOptions:
     ignore_eos: bool = False
 
     def __post_init__(self):
-        def number(name, value, *, integer=False):
-            kind = numbers.Integral if integer else numbers.Real
-            if isinstance(value, bool) or not isinstance(value, kind):
-                raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
-            if not integer and not math.isfinite(value):
-                raise ValueError(f"{name} must be finite, got {value!r}")
-
-        number("max_new_tokens", self.max_new_tokens, integer=True)
+        _check_number("max_new_tokens", self.max_new_tokens, integer=True)
         if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+            raise OptionError("max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         for flag in ("do_sample", "ignore_eos"):
             if not isinstance(getattr(self, flag), (bool, np.bool_)):
                 raise TypeError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
-        number("temperature", self.temperature)
-        number("top_p", self.top_p)
-        number("repetition_penalty", self.repetition_penalty)
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            _check_number(name, getattr(self, name))
         if self.top_k is not None:
-            number("top_k", self.top_k, integer=True)
+            _check_number("top_k", self.top_k, integer=True)
             if self.top_k < 1:
-                raise ValueError(f"top_k must be >= 1 (or None to turn it off), got {self.top_k}")
+                raise OptionError("top_k", f"must be >= 1 (or unset, to turn it off), got {self.top_k}")
         if self.do_sample and self.temperature <= 0:
-            raise ValueError(
-                f"temperature must be > 0 when sampling, got {self.temperature}; "
-                "for deterministic output use do_sample=False (greedy)"
-            )
+            fix = "for deterministic output turn do_sample off (greedy)"
+            raise OptionError("temperature", f"must be > 0 when sampling, got {self.temperature}; {fix}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1.0 turns it off), got {self.top_p}")
+            raise OptionError("top_p", f"must be in (0, 1] (1.0 turns it off), got {self.top_p}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be > 0 (1.0 turns it off), got {self.repetition_penalty}")
+            raise OptionError("repetition_penalty", f"must be > 0 (1.0 turns it off), got {self.repetition_penalty}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise TypeError(f"stop must be a list of non-empty strings, got {self.stop!r}")
 
@@ -79,23 +80,115 @@ class GenerationOptions:
         return cls(stop=stop, **kwargs)
 
 
+OPTION_NAMES = tuple(f.name for f in fields(GenerationOptions))
+
+
+def _check_number(name: str, value, *, integer: bool = False) -> None:
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an integer too large for a float (a JSON number can be one)
+        finite = False
+    if not integer and not finite:
+        shown = f"an integer of {len(str(abs(value)))} digits" if isinstance(value, numbers.Integral) else value
+        raise OptionError(name, f"must be finite, got {shown}")
+
+
+def check_seed(seed) -> int | None:
+    """The seed rule: None (fresh entropy) or a non-negative integer."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an integer or None, got {seed!r}")
+    if seed < 0:
+        raise OptionError("seed", f"must be a non-negative integer, got {seed}")
+    return int(seed)
+
+
+def generation_arguments(kwargs: dict, *, method: str, text: bool = True) -> tuple[GenerationOptions, int | None, bool]:
+    """The keyword arguments of `generate`, `generate_ids` (`text=False`) or `stream`, checked:
+    (options, seed, return_full_text). The one way they are read, so every entry point has the same
+    names and defaults: GenerationOptions' fields, seed None (fresh entropy), return_full_text True."""
+    known = (*OPTION_NAMES, *(("return_full_text",) if text else ()), "seed")
+    unknown = [name for name in kwargs if name not in known]
+    if unknown:
+        known_ones = ", ".join(known)
+        raise TypeError(f"{method}() got an unexpected keyword argument {unknown[0]!r}; its options are {known_ones}")
+    options = dict(kwargs)
+    seed = check_seed(options.pop("seed", None))
+    return_full_text = options.pop("return_full_text", True)
+    if not isinstance(return_full_text, (bool, np.bool_)):
+        raise TypeError(f"return_full_text must be True or False, got {return_full_text!r}")
+    return GenerationOptions.make(**options), seed, bool(return_full_text)
+
+
 def row_generators(seed, n: int) -> list[np.random.Generator]:
     """One random generator per row, all derived from `seed` (None: fresh entropy).
 
     Row i of a batch gets the i-th child of the seed, so a prompt's samples do not depend on how
     many other prompts share its call: generate(["a", "b"], seed=1)[0] == generate("a", seed=1).
     """
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0):
-        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
-    return [np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(n)]
+    return [np.random.default_rng(child) for child in np.random.SeedSequence(check_seed(seed)).spawn(n)]
 
 
 # ---------------------------------------------------------------------------------------- sampler
+# float32's range. A temperature or penalty whose results leave it is computed in the limit (see below).
+_F32_TINY, _F32_MAX = float(np.finfo(np.float32).tiny), float(np.finfo(np.float32).max)
+
+
 def apply_repetition_penalty(logits, seen, penalty):  # [V], [V] bool -> [V]
     """CTRL's penalty (Keskar et al., 2019), as transformers applies it: for tokens already in the
-    prompt or output, divide a positive logit by `penalty` and multiply a negative one."""
+    prompt or output, divide a positive logit by `penalty` and multiply a negative one. In float32,
+    as transformers computes it, when the results fit; else `_penalty_in_the_limit`."""
     scores = logits[seen]
-    logits[seen] = np.where(scores > 0, scores / penalty, scores * penalty)
+    if _F32_TINY <= penalty <= _F32_MAX:
+        with np.errstate(over="ignore"):  # an overflow is an inf, caught just below
+            penalized = np.where(scores > 0, scores / penalty, scores * penalty)
+        if np.isfinite(penalized).all():
+            logits[seen] = penalized
+            return logits
+    return _penalty_in_the_limit(logits, seen, penalty)
+
+
+def _penalty_in_the_limit(logits, seen, penalty):  # [V], [V] bool -> [V]
+    """The penalty near 0 or huge, where float32 cannot hold its results: computed in float64, then
+    shifted so the largest logit is 0 (a shift changes no probability and no choice) and put back in
+    float32, where what falls below its range is -inf, probability 0. Where even float64 overflows (a
+    positive logit divided by a penalty near 0), those tokens outweigh all others: they alone remain,
+    weighted by (logit - their largest) / penalty, which does fit."""
+    z = logits.astype(np.float64)
+    scores = z[seen]
+    with np.errstate(over="ignore", under="ignore"):
+        z[seen] = np.where(scores > 0, scores / penalty, scores * penalty)
+        top = z.max()
+        if np.isposinf(top):
+            positive = scores > 0
+            z.fill(-np.inf)
+            z[np.flatnonzero(seen)[positive]] = (scores[positive] - scores[positive].max()) / penalty
+        elif np.isneginf(top):  # every token seen, every logit negative and multiplied past float64
+            z = (scores - scores.max()) * penalty
+        else:
+            z -= top
+        logits[:] = z
+    return logits
+
+
+def apply_temperature(logits, temperature):  # [V] -> [V], in place
+    """logits / temperature, in float32 as transformers computes it, when the quotients (and their
+    differences) fit float32 with room to spare. Otherwise (a temperature near 0 or huge, or logits
+    that the penalty left at -inf) it is (logits - max) / temperature in float64, put back in float32:
+    the shift changes no probability and no top_k or top_p choice, and a quotient below float32's
+    range is -inf, probability 0. So as the temperature goes to 0 the draw becomes greedy among the
+    tokens tied at the top, and as it grows the draw becomes uniform."""
+    hi, lo = float(logits.max()), float(logits.min())
+    widest = max(hi - lo, -lo, hi)  # the largest quotient, and difference of two, is this / temperature
+    if _F32_TINY <= temperature <= _F32_MAX and math.isfinite(lo) and widest / temperature < _F32_MAX / 4:
+        logits /= np.float32(temperature)
+        return logits
+    with np.errstate(over="ignore", under="ignore"):
+        logits[:] = (logits.astype(np.float64) - hi) / temperature
     return logits
 
 
@@ -144,7 +237,7 @@ def top_p_keep(logits, top_p, candidates=None):  # [V] -> [V] bool
 def warp(logits, options: GenerationOptions):  # [V] -> [V] bool, or None for "every token"
     """The sampling warpers in transformers' order: temperature (in place), then top_k, then top_p.
     Returns which tokens may still be drawn."""
-    logits /= np.float32(options.temperature)
+    apply_temperature(logits, options.temperature)
     keep = None
     if options.top_k is not None:
         keep = top_k_keep(logits, options.top_k)

@@ -6,6 +6,9 @@ Clients POST the model card's body to /score and get back a JSON list of strings
      "params": {"top_p": 1.0, "temperature": 0.8, "max_new_tokens": 100, "do_sample": true,
                 "return_full_text": true}}
 
+Azure ML's shape of the same body, `{"input_data": {"input_string": [...], "parameters": {...}}}`,
+is read too; gpt2np.request checks both, with the same messages as `gpt2np generate --json`.
+
 `GET /` answers 200 `Healthy` (the liveness route of the Azure inference server) and `GET /health`
 a JSON summary (model, queue depth, rows decoding).
 
@@ -43,13 +46,27 @@ import threading
 import time
 from collections import deque
 from contextlib import contextmanager
-from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-from .engine import Engine, Row
+from .console import (
+    EXIT_FAILURE,
+    EXIT_OK,
+    ArgumentParser,
+    add_debug_argument,
+    fail,
+    load_model,
+    one_line,
+    port_number,
+    positive_float,
+    positive_int,
+    run,
+    wants_debug,
+)
+from .engine import Engine, Row, check_fits
 from .generation import RowText, prepare_prompts
+from .request import Request, RequestError, parse_request
 from .sampling import GenerationOptions, row_generators
 
 DEFAULT_HOST = "127.0.0.1"
@@ -60,11 +77,6 @@ DEFAULT_TIMEOUT = 300.0  # seconds from arrival to answer
 DEFAULT_MAX_BODY_BYTES = 1_000_000
 DISCONNECT_POLL = 0.2  # seconds between two checks that a waiting client is still connected
 CLIENT_CLOSED = 499  # the log's status for a request whose client left (nginx's convention)
-
-# The model card's five params first, then the rest of GenerationOptions, the seed and the text mode.
-KNOWN_PARAMS = ("top_p", "temperature", "max_new_tokens", "do_sample", "return_full_text",
-                "top_k", "repetition_penalty", "stop", "seed", "ignore_eos")  # fmt: skip
-EXAMPLE_BODY = '{"input_data": ["a prompt"], "params": {"max_new_tokens": 100}}'
 
 
 class HTTPError(Exception):
@@ -77,85 +89,18 @@ class HTTPError(Exception):
 
 
 # ---------------------------------------------------------------------------------------- requests
-def parse_body(body: bytes) -> dict:
-    """The /score body as a dict with `input_data` and maybe `params`, or a 400 naming the problem."""
-    if not body:
-        raise HTTPError(400, f"the request body is empty; send a JSON object such as {EXAMPLE_BODY}")
-    try:
-        data = json.loads(body.decode("utf-8"), parse_constant=_reject_constant)
-    except UnicodeDecodeError:
-        raise HTTPError(400, "the request body is not UTF-8; JSON must be encoded in UTF-8") from None
-    except ValueError as e:
-        raise HTTPError(400, f"the request body is not valid JSON: {e}") from None
-    if not isinstance(data, dict):
-        raise HTTPError(400, f"the request body must be a JSON object such as {EXAMPLE_BODY}, got {_json_type(data)}")
-    unknown = sorted(set(data) - {"input_data", "params"})
-    if unknown:
-        raise HTTPError(400, f"unknown field {', '.join(unknown)}; the body holds input_data and params")
-    if "input_data" not in data:
-        raise HTTPError(400, f"missing input_data: send the prompts as a list, e.g. {EXAMPLE_BODY}")
-    prompts = data["input_data"]
-    if isinstance(prompts, str):
-        raise HTTPError(400, 'input_data must be a list of strings: wrap a single prompt as ["..."]')
-    if not isinstance(prompts, list) or not prompts:
-        got = _json_type(prompts, empty=prompts == [])
-        raise HTTPError(400, f"input_data must be a non-empty list of prompt strings, got {got}")
-    for i, prompt in enumerate(prompts):
-        if not isinstance(prompt, str):
-            raise HTTPError(400, f"input_data[{i}] must be a string, got {_json_type(prompt)}")
-    return data
-
-
-def _reject_constant(name):
-    raise ValueError(f"{name} is not a JSON number")
-
-
-def _json_type(value, empty=False) -> str:
-    """The JSON name of a parsed value's type, for error messages."""
-    if empty:
-        return "an empty list"
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    return {str: "a string", list: "a list", dict: "an object"}[type(value)]
-
-
-def parse_params(params) -> tuple[GenerationOptions, int | None, bool]:
-    """`params` -> (options, seed, return_full_text); a 400 names the field of any bad value."""
-    if not isinstance(params, dict):
-        raise HTTPError(400, f'params must be a JSON object such as {{"max_new_tokens": 100}}, got {_json_type(params)}')
-    unknown = sorted(set(params) - set(KNOWN_PARAMS))
-    if unknown:
-        raise HTTPError(400, f"unknown params: {', '.join(unknown)}; the known params are {', '.join(KNOWN_PARAMS)}")
-    seed = params.get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise HTTPError(400, f"params.seed must be a non-negative integer or null, got {json.dumps(seed)}")
-    return_full_text = params.get("return_full_text", True)
-    if not isinstance(return_full_text, bool):
-        raise HTTPError(400, f"params.return_full_text must be true or false, got {json.dumps(return_full_text)}")
-    try:
-        options = GenerationOptions.make(**{k: v for k, v in params.items() if k not in ("seed", "return_full_text")})
-    except (TypeError, ValueError) as e:  # GenerationOptions names the field first
-        raise HTTPError(400, f"params.{e}") from None
-    return options, seed, return_full_text
-
-
-def check_lengths(ids: list[list[int]], options: GenerationOptions, n_ctx: int, cap: int | None) -> None:
-    """Every prompt plus max_new_tokens must fit the context, and max_new_tokens the server's cap."""
+def check_lengths(request: Request, ids: list[list[int]], n_ctx: int, cap: int | None) -> None:
+    """The longest prompt and max_new_tokens must fit the context (the one rule: engine.check_fits),
+    and max_new_tokens must be within this server's cap; a 400 names whichever limit is the tighter."""
     longest = max(range(len(ids)), key=lambda i: len(ids[i]))
-    n = len(ids[longest])
-    if n >= n_ctx:
-        raise HTTPError(400, f"input_data[{longest}] is {n} tokens, which leaves no room to generate in the "
-                             f"model's context of {n_ctx} tokens; shorten it")  # fmt: skip
-    limit, reason = n_ctx - n, f"the context of {n_ctx} tokens minus the {n} of input_data[{longest}]"
-    if cap is not None and cap < limit:
-        limit, reason = cap, "this server's --max-new-tokens-cap"
-    if options.max_new_tokens > limit:
-        raise HTTPError(400, f"params.max_new_tokens must be at most {limit} here ({reason}), "
-                             f"got {options.max_new_tokens}")  # fmt: skip
+    n, max_new_tokens, field = len(ids[longest]), request.options.max_new_tokens, request.param_field("max_new_tokens")
+    if cap is not None and cap < max_new_tokens and n + cap <= n_ctx:  # lowering it to the cap would fit
+        rule = f"must be at most {cap} here (this server's --max-new-tokens-cap)"
+        raise HTTPError(400, f"{field} {rule}, got {max_new_tokens}")
+    try:
+        check_fits(n, max_new_tokens, n_ctx, what=request.prompt_field(longest), limit=field)
+    except ValueError as e:
+        raise HTTPError(400, str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------- jobs
@@ -456,13 +401,15 @@ class ScoringHandler(BaseHTTPRequestHandler):
         return 200, "application/json", json.dumps(status).encode(), {}
 
     def score(self):
-        data = parse_body(self._read_body())
-        options, seed, return_full_text = parse_params(data.get("params", {}))
-        model, prompts = self.server.model, data["input_data"]
+        try:
+            request = parse_request(self._read_body())  # the model card's format, flat or Azure ML's
+        except RequestError as e:
+            raise HTTPError(400, str(e)) from None
+        model, prompts = self.server.model, request.prompts
         self._prompts = len(prompts)
         ids = prepare_prompts(model.tokenizer, prompts, bos=model.config.bos_token_id)
-        check_lengths(ids, options, model.config.n_ctx, self.server.max_new_tokens_cap)
-        job = Job(prompts, ids, options, seed, return_full_text, model)
+        check_lengths(request, ids, model.config.n_ctx, self.server.max_new_tokens_cap)
+        job = Job(prompts, ids, request.options, request.seed, request.return_full_text, model)
         self.server.scheduler.submit(job)
         self._wait_for(job)
         self._new_tokens = job.new_tokens
@@ -586,41 +533,30 @@ class ScoringHandler(BaseHTTPRequestHandler):
 
 
 # ---------------------------------------------------------------------------------------- command line
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="gpt2np serve",
+def build_parser(prog: str = "gpt2np serve") -> argparse.ArgumentParser:
+    """The flags of `gpt2np serve`; a bad one is a one-line UsageError, as in every gpt2np command."""
+    parser = ArgumentParser(
+        prog=prog,
         description="Serve a GPT-2 model over HTTP in the GPT-2 model card's request format: POST /score "
         '{"input_data": [prompts...], "params": {...}} -> a JSON list of strings. Requests that arrive '
         "while the model is busy join the running batch.",
     )
     parser.add_argument("--model", default="gpt2", help="checkpoint folder or hub repo id (default: gpt2)")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default: {DEFAULT_PORT}; 0 picks a free one")
-    parser.add_argument("--max-batch-size", type=int, default=DEFAULT_MAX_BATCH_SIZE,
-                        help=f"prompts decoded together (default: {DEFAULT_MAX_BATCH_SIZE})")  # fmt: skip
-    parser.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE,
-                        help=f"requests that may wait before new ones get 503 (default: {DEFAULT_MAX_QUEUE})")  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
-                        help=f"seconds a request may take, waiting included, before 504 (default: {DEFAULT_TIMEOUT:g})")  # fmt: skip
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                        help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")  # fmt: skip
-    parser.add_argument("--max-new-tokens-cap", type=int, default=None,
-                        help="largest max_new_tokens a request may ask (default: context minus prompt)")  # fmt: skip
+    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
+                        help=f"default: {DEFAULT_PORT}; 0 picks a free one")
+    parser.add_argument("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE,
+                        help=f"prompts decoded together (default: {DEFAULT_MAX_BATCH_SIZE})")
+    parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
+                        help=f"requests that may wait before new ones get 503 (default: {DEFAULT_MAX_QUEUE})")
+    parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
+                        help=f"seconds a request may take, waiting included, before 504 (default: {DEFAULT_TIMEOUT:g})")
+    parser.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
+                        help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
+    parser.add_argument("--max-new-tokens-cap", type=positive_int, default=None,
+                        help="largest max_new_tokens a request may ask (default: context minus prompt)")
+    add_debug_argument(parser)
     return parser
-
-
-def parse_args(argv) -> argparse.Namespace:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    for flag in ("max_batch_size", "max_queue", "max_body_bytes", "max_new_tokens_cap"):
-        value = getattr(args, flag)
-        if value is not None and value < 1:
-            parser.error(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-    if not args.timeout > 0:
-        parser.error(f"--timeout must be a positive number of seconds, got {args.timeout}")
-    if not 0 <= args.port <= 65535:
-        parser.error(f"--port must be in 0..65535, got {args.port}")
-    return args
 
 
 def serve_until_signalled(server: ScoringServer) -> None:
@@ -646,28 +582,26 @@ def serve_until_signalled(server: ScoringServer) -> None:
             signal.signal(s, handler)
 
 
-def main(argv=None) -> int:
-    """`gpt2np serve [flags]`: the exit status (0 after a graceful stop)."""
-    from .api import GPT2
+def main(argv=None, *, prog: str = "gpt2np serve") -> int:
+    """`gpt2np serve [flags]`: the exit status (0 after a graceful stop). Errors follow every gpt2np
+    command's convention (gpt2np.console): a bad flag or model is one line on stderr and status 2."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run(lambda: serve(argv, prog=prog), prog=prog, debug=wants_debug(argv))
 
-    try:
-        args = parse_args(argv)
-    except SystemExit as e:  # --help, or a usage error already printed by argparse
-        return e.code if isinstance(e.code, int) else 2
-    try:
-        model = GPT2.from_pretrained(args.model)
-    except (OSError, ValueError) as e:
-        print(f"gpt2np serve: cannot load the model {args.model!r}: {e}", file=sys.stderr)
-        return 1
+
+def serve(argv: list[str], *, prog: str) -> int:
+    """Load the model, listen, and serve until SIGTERM or SIGINT."""
+    args = build_parser(prog).parse_args(argv)
+    model = load_model(args.model, revision="main", cache_dir=None, progress=True)
     try:
         server = ScoringServer((args.host, args.port), model, model_name=args.model, max_batch_size=args.max_batch_size,
                                max_queue=args.max_queue, timeout=args.timeout, max_body_bytes=args.max_body_bytes,
                                max_new_tokens_cap=args.max_new_tokens_cap)  # fmt: skip
     except OSError as e:
-        print(f"gpt2np serve: cannot listen on {args.host}:{args.port}: {e}; choose another --port", file=sys.stderr)
-        return 1
+        message = f"cannot listen on {args.host}:{args.port}: {one_line(e)}; choose another --port"
+        return fail(prog, message, EXIT_FAILURE)
     serve_until_signalled(server)
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

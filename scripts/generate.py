@@ -30,4 +30,8 @@ if __name__ == "__main__":
         print(f"generate.py: error: gpt2np needs the {e.name!r} package; install its requirements with "
               "`pip install -e .` in the repository root", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before the command line could take charge: the same exit as after
+        from gpt2np.console import interrupted
+
+        sys.exit(interrupted("generate.py"))
     sys.exit(cli.main(sys.argv[1:], prog="generate.py", command="generate"))

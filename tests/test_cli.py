@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -54,14 +55,14 @@ def env(tmp_path_factory) -> dict:
 
 def run(argv, env, *, stdin=None, module=False, cwd=None) -> subprocess.CompletedProcess:
     """Run scripts/generate.py (from outside the repository, as a fresh checkout would), or
-    `python -m gpt2np` (from the repository root). `stdin` is text to feed, a file descriptor, or
-    None for an empty stdin. stdout and stderr come back as str."""
+    `python -m gpt2np` (from the repository root). `stdin` is text (or bytes) to feed, a file
+    descriptor, or None for an empty stdin. stdout and stderr come back as str."""
     if module:
         command, cwd = [sys.executable, "-m", "gpt2np", *argv], cwd or REPO
     else:
         command, cwd = [sys.executable, str(SCRIPT), *argv], cwd or REPO.parent
-    if isinstance(stdin, str):
-        feed = {"input": stdin.encode()}
+    if isinstance(stdin, (str, bytes)):
+        feed = {"input": stdin.encode() if isinstance(stdin, str) else stdin}
     else:  # a file descriptor (a terminal), or nothing to read
         feed = {"stdin": subprocess.DEVNULL if stdin is None else stdin}
     result = subprocess.run(command, **feed, capture_output=True, env=env, cwd=cwd, timeout=TIMEOUT)
@@ -138,6 +139,16 @@ def test_greedy_is_do_sample_off_and_ignores_temperature(checkpoint, model, monk
     assert run_in_process(argv, monkeypatch, capsys) == (0, expected, "")
 
 
+@pytest.mark.parametrize("flag", ["--temperature", "--repetition-penalty"])
+def test_values_at_the_edge_of_float32_generate(flag, checkpoint, model, monkeypatch, capsys):
+    """1e-300 once gave an empty text (temperature) or an "internal error" (IndexError, repetition penalty)."""
+    argv = ["--model", str(checkpoint), PROMPT, flag, "1e-300", "--max-new-tokens", "6", "--seed", "0", "--ignore-eos"]
+    option = {flag[2:].replace("-", "_"): 1e-300}
+    expected = model.generate(PROMPT, max_new_tokens=6, seed=0, ignore_eos=True, **option)
+    assert run_in_process(argv, monkeypatch, capsys) == (0, expected + "\n", "")
+    assert len(expected) > len(PROMPT)
+
+
 def test_stream_prints_the_same_samples_as_no_stream(checkpoint, model, env):
     argv = ["--model", str(checkpoint), PROMPT, "--seed", "5", "--max-new-tokens", "16", "--num-samples", "2"]
     streamed, printed = run([*argv, "--stream"], env), run([*argv, "--no-stream"], env)
@@ -195,18 +206,21 @@ def test_json_params_override_flags_and_num_samples_repeats_each_prompt(checkpoi
     ('{"input_data": ["a"], ', ["is not valid JSON", '"input_data"']),
     ('["a prompt"]', ["must be a JSON object like"]),
     ('{"params": {}}', ['no "input_data"']),
-    ('{"input_data": "a prompt"}', ['"input_data" must be a non-empty list']),
-    ('{"input_data": []}', ['"input_data" must be a non-empty list']),
-    ('{"input_data": ["a", 3]}', ['"input_data"[1] must be a string, got 3']),
-    ('{"input_data": ["a"], "parameters": {}}', ["unknown key 'parameters' in the request", "'params'"]),
-    ('{"input_data": ["a"], "params": [1]}', ['"params" must be a JSON object']),
-    ('{"input_data": ["a"], "params": {"temperature": true}}', ["param 'temperature' must be a number, got true"]),
-    ('{"input_data": ["a"], "params": {"max_new_tokens": "50"}}', ["'max_new_tokens' must be an integer, got \"50\""]),
-    ('{"input_data": ["a"], "params": {"do_sample": 1}}', ["'do_sample' must be true or false, got 1"]),
-    ('{"input_data": ["a"], "params": {"seed": -1}}', ["'seed' must be a non-negative integer or null"]),
+    ('{"input_data": "a prompt"}', ['input_data must be a non-empty list', "wrap a single prompt"]),
+    ('{"input_data": []}', ['input_data must be a non-empty list']),
+    ('{"input_data": ["a", 3]}', ['input_data[1] must be a string, got 3']),
+    ('{"input_data": ["a"], "parameters": {}}', ['unknown key "parameters" in the request', '"params"']),
+    ('{"input_data": ["a"], "params": [1]}', ['params must be a JSON object']),
+    ('{"input_data": ["a"], "params": {"temperature": true}}', ["params.temperature must be a number, got true"]),
+    ('{"input_data": ["a"], "params": {"max_new_tokens": "50"}}',
+     ['params.max_new_tokens must be an integer, got "50"']),
+    ('{"input_data": ["a"], "params": {"do_sample": 1}}', ["params.do_sample must be true or false, got 1"]),
+    ('{"input_data": ["a"], "params": {"seed": -1}}', ["params.seed must be a non-negative integer, got -1"]),
     ('{"input_data": ["a"], "params": {"top_p": 2}}', ["top_p must be in (0, 1]"]),
     ('{"input_data": ["a"], "params": {"temperature": NaN}}', ["not valid JSON", "NaN"]),
-    ('{"input_data": {"input_string": ["a"], "params": {}}}', ["unknown key 'params' in \"input_data\""]),
+    ('{"input_data": {"input_string": ["a"], "params": {}}}', ['unknown key "params" in input_data']),
+    ('{"input_data": {"input_string": ["a"], "parameters": {"top_k": 0}}}',
+     ["input_data.parameters.top_k must be >= 1"]),
 ])  # fmt: skip
 def test_malformed_json_requests_are_one_line_errors(request_text, needles, monkeypatch, capsys):
     """Checked before any model is loaded (in-process; the subprocess path is tested below)."""
@@ -219,11 +233,11 @@ def test_malformed_json_requests_are_one_line_errors(request_text, needles, monk
     (["x", "--top-p", "2"], None, ["argument --top-p: must be in (0, 1]", "--help"]),  # a bad flag value
     (["x", "--model", "/no/such/folder"], None, ["cannot load the model '/no/such/folder'", "existing folder"]),
     (["x", "--model", "someorg/missing"], None, ["cannot load the model 'someorg/missing': "]),
-    (["one" + " word" * 200], None, ["the prompt is 201 tokens and --max-new-tokens is 50",
-                                     "128-token context", "--truncate-prompt"]),
-    (["--json", "-"], '{"input_data": ["a"], "params": {', ["the request on stdin is not valid JSON"]),
+    (["one" + " word" * 200], None, ["the prompt is 201 tokens, which leaves no room to generate",
+                                     "128-token context", "--truncate-prompt to keep its last 78 tokens"]),
+    (["--json", "-"], '{"input_data": ["a"], "params": {', ["the request on stdin: the request is not valid JSON"]),
     (["--json", "-"], '{"input_data": ["a"], "params": {"num_beams": 4}}',
-     ["unknown param 'num_beams'", "top_p, temperature, max_new_tokens, do_sample, return_full_text"]),
+     ['unknown param "num_beams"', "top_p, temperature, max_new_tokens, do_sample, return_full_text"]),
 ])  # fmt: skip
 def test_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, checkpoint, env, tmp_path):
     argv = ["--model", str(checkpoint), *argv] if "--model" not in argv else argv
@@ -247,13 +261,24 @@ def test_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, checkpoin
     (["a prompt", "--max-new-tokens", "127"], "", ["the prompt is 2 tokens", "lower --max-new-tokens to 126"]),
     (["x", "--max-new-tokens", "128", "--truncate-prompt"], "", ["leaves no room for a prompt", "at most 127"]),
     (["--json", "-"], '{"input_data": ["a"], "params": {"max_new_tokens": 500}}',
-     ["max_new_tokens 500 leaves no room for a prompt in the model's 128-token context"]),
+     ["params.max_new_tokens is 500, more than the model's 128-token context", "lower params.max_new_tokens to 127"]),
     (["--json", "-"], json.dumps({"input_data": ["a", "b" * 300], "params": {"max_new_tokens": 100}}),
-     ['"input_data"[1] is 150 tokens and max_new_tokens is 100', "or pass --truncate-prompt"]),
+     ["input_data[1] is 150 tokens, which leaves no room", "or pass --truncate-prompt"]),
+    (["--json", "-", "--max-new-tokens", "100"], json.dumps({"input_data": [" a" * 50]}),  # a flag, not a param
+     ["input_data[0] is 50 tokens and --max-new-tokens is 100", "lower --max-new-tokens to 78"]),
 ])  # fmt: skip
 def test_more_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, checkpoint, monkeypatch, capsys):
     result = run_in_process(["--model", str(checkpoint), *argv], monkeypatch, capsys, stdin=stdin)
     assert_one_line_error(*result, *needles)
+
+
+@pytest.mark.parametrize("n", [128, 150])
+def test_a_prompt_that_fills_the_context_is_told_to_shorten(n, checkpoint, monkeypatch, capsys):
+    """Not to lower --max-new-tokens to 0 or below: no number of new tokens would make it fit."""
+    status, out, err = run_in_process(["--model", str(checkpoint), " a" * n], monkeypatch, capsys)
+    assert_one_line_error(status, out, err, f"the prompt is {n} tokens, which leaves no room to generate in the "
+                          "model's 128-token context; shorten it", "--truncate-prompt to keep its last 78 tokens")
+    assert "lower --max-new-tokens" not in err
 
 
 def test_debug_shows_the_traceback(monkeypatch, capsys):
@@ -261,6 +286,16 @@ def test_debug_shows_the_traceback(monkeypatch, capsys):
     assert (status, out) == (2, "")
     assert err.startswith("Traceback") and "ValueError: no checkpoint folder" in err
     assert err.splitlines()[-1].startswith("gpt2np: error: cannot load the model")
+
+
+@pytest.mark.parametrize("argv", [[], ["--json", "-"]])
+def test_stdin_that_is_not_utf8_is_one_line(argv, checkpoint, env):
+    """Under a UTF-8 locale Python reads stdin with surrogate escapes: the bytes were once taken as a
+    prompt and echoed back."""
+    stdin = b"ab\xff\xfe" if not argv else b'{"input_data": ["\xff"]}'
+    utf8_locale = {k: v for k, v in env.items() if k != "PYTHONIOENCODING"} | {"LC_ALL": "C.UTF-8"}
+    result = run(["--model", str(checkpoint), *argv], utf8_locale, stdin=stdin)
+    assert_usage_error(result, "on stdin is not text in the utf-8 encoding (invalid start byte); pass UTF-8 text")
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
@@ -306,6 +341,66 @@ def test_ctrl_c_exits_130_and_keeps_what_was_printed(tmp_path, env):
     assert printed.startswith(PROMPT) and len(printed) < 3000
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+@pytest.mark.parametrize("flags", [["--no-stream"], ["--stream"], ["--help"]])
+def test_a_full_disk_is_one_line_and_status_1(flags, checkpoint, env):
+    """Once "internal error ... please report it"."""
+    with open("/dev/full", "w") as full:
+        result = subprocess.run([sys.executable, str(SCRIPT), "--model", str(checkpoint), PROMPT, *flags],
+                                stdin=subprocess.DEVNULL, stdout=full, stderr=subprocess.PIPE, env=env, timeout=TIMEOUT)
+    assert result.returncode == 1
+    assert result.stderr.decode() == "generate.py: error: cannot write the output: No space left on device\n"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX file descriptors")
+@pytest.mark.parametrize("argv", [[PROMPT], ["download", "--help"]])
+def test_a_closed_stdout_is_one_line_and_status_1(argv, checkpoint, env):
+    """`gpt2np ... >&-`: said before any model is loaded; once "internal error ... please report it"."""
+    command = [sys.executable, "-m", "gpt2np", *argv, "--model", str(checkpoint)]
+    if argv[0] == "download":
+        command = command[:-2]
+    closed = {"preexec_fn": lambda: os.close(1)}  # the child starts without a descriptor 1
+    result = subprocess.run(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO,
+                            timeout=TIMEOUT, **closed)
+    assert result.returncode == 1
+    assert result.stderr.decode() == "python -m gpt2np: error: cannot write the output: stdout is closed\n"
+
+
+def wait_until_mapped(process: subprocess.Popen, name: str) -> None:
+    """Until the process has mapped a file whose path holds `name` (Linux's /proc/PID/maps): a shared
+    library being imported. Polled every millisecond."""
+    deadline = time.monotonic() + TIMEOUT
+    while name not in Path(f"/proc/{process.pid}/maps").read_text():
+        assert process.poll() is None, process.communicate()[1].decode()
+        assert time.monotonic() < deadline, f"{name} was never mapped"
+        time.sleep(0.001)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs /proc to see NumPy being imported")
+def test_ctrl_c_while_importing_exits_130_without_a_traceback(tmp_path, env):
+    """SIGINT while `python -m gpt2np` imports NumPy and the modules after it, some 30 to 150 ms after
+    it started: once a KeyboardInterrupt traceback from the package's __init__. Landing there, the
+    interrupt can also be swallowed by NumPy's C code (an ImportError instead), by an import lock's
+    callback ("Exception ignored"), or pass through exec() (CPython then ends the process by SIGINT)."""
+    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=1024)  # a long generation, should no signal land
+    save_checkpoint(tmp_path / "long", config, random_state_dict(config, seed=1))
+    argv = [sys.executable, "-m", "gpt2np", PROMPT, "--model", str(tmp_path / "long"), "--max-new-tokens", "1000",
+            "--ignore-eos"]
+    for extra in (0, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08):  # after NumPy's core is mapped
+        started = time.monotonic()
+        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                   env=env, cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        try:
+            wait_until_mapped(process, "_multiarray_umath")
+            time.sleep(extra)
+            process.send_signal(signal.SIGINT)
+            after = time.monotonic() - started
+            _, err = process.communicate(timeout=TIMEOUT)
+        finally:
+            process.kill()
+        assert (process.returncode, err.decode()) == (130, "python -m gpt2np: interrupted\n"), (extra, after)
+
+
 # ---------------------------------------------------------------------------------------- help
 def test_help_shows_every_flag_with_its_default_and_the_model_card_example(env):
     result = run(["--help"], env)
@@ -323,6 +418,20 @@ def test_help_shows_every_flag_with_its_default_and_the_model_card_example(env):
         assert default in words
     assert '"input_data": [\n          "I believe the meaning of life is"' in help_text
     assert '"return_full_text": true' in help_text
+
+
+def test_flag_defaults_are_generation_options_defaults():
+    """The flags have no defaults of their own: an empty command line gives GenerationOptions()."""
+    from dataclasses import fields
+
+    from gpt2np.sampling import GenerationOptions
+
+    args = cli.generate_parser("gpt2np").parse_args([])
+    defaults = GenerationOptions()
+    for field in fields(GenerationOptions):
+        if field.name != "stop":  # --stop is repeatable: no flag given is None, read as no stop string
+            assert getattr(args, field.name) == getattr(defaults, field.name), field.name
+    assert args.stop is None and defaults.stop == ()
 
 
 def test_top_level_help_lists_the_commands(capsys):
@@ -362,6 +471,18 @@ def test_serve_and_eval_pass_their_arguments_through(command, module, monkeypatc
     monkeypatch.setitem(sys.modules, module, types.SimpleNamespace(main=lambda argv: received.append(argv) or 3))
     assert cli.main([command, "--port", "8000", "--", "-x"], prog="gpt2np") == 3
     assert received == [["--port", "8000", "--", "-x"]]
+
+
+@pytest.mark.parametrize("argv, needles", [
+    (["serve", "--port", "99999"], ["argument --port: must be in 0..65535", "(see gpt2np serve --help)"]),
+    (["serve", "--max-queue", "0"], ["argument --max-queue: must be at least 1, got 0"]),
+    (["serve", "--model", "/nonexistent"], ["cannot load the model '/nonexistent': no checkpoint folder"]),
+    (["eval", "--model", "/nonexistent", "--task", "ptb", "--data", "x"], ["cannot load the model '/nonexistent'"]),
+    (["eval", "--task", "nope"], ["argument --task: invalid choice: 'nope'"]),
+])
+def test_serve_and_eval_keep_the_one_line_promise(argv, needles, env):
+    """The same parser and errors as generate: once five lines of usage (a bad --port) or status 1 (no model)."""
+    assert_usage_error(run(argv, env, module=True), *needles, prog=f"gpt2np {argv[0]}")
 
 
 def test_a_missing_command_module_is_one_line(monkeypatch, capsys):

@@ -1,6 +1,9 @@
 """Generation: greedy parity with transformers, the KV cache, ragged batches, the sampler's
 semantics against transformers' warpers, stop strings, EOS, streaming and argument errors."""
 
+import re
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -10,7 +13,17 @@ from checkpoints import hf_reference, write_checkpoint
 from gpt2np import GPT2, GPT2Config, Tokenizer
 from gpt2np.engine import Engine, Row
 from gpt2np.generation import RowText
-from gpt2np.sampling import GenerationOptions, draw, next_token, row_generators, top_k_keep, top_p_keep, warp
+from gpt2np.sampling import (
+    GenerationOptions,
+    apply_repetition_penalty,
+    apply_temperature,
+    draw,
+    next_token,
+    row_generators,
+    top_k_keep,
+    top_p_keep,
+    warp,
+)
 
 def decode(model, prompts, options, rngs):
     """The engine over rows with options of their own: yields, after each choice, the engine, and
@@ -196,6 +209,71 @@ def test_draw_is_the_inverse_cdf_of_the_softmax(n):
     assert all(w[i] > 0 for i in got)
 
 
+# ------------------------------------------------------------------------------- options at float32's edge
+@pytest.fixture()
+def no_warnings():
+    """Any NumPy warning (overflow, divide by zero, invalid value) fails the test."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        yield
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 5e-324, 1e-45, 1e-38])
+def test_a_temperature_near_zero_is_greedy(small, temperature, no_warnings):
+    """logits / 1e-300 overflows float32 (it once gave an empty continuation and RuntimeWarnings); the
+    limit of temperature -> 0 is the most likely token."""
+    ids = small.tokenizer.encode(PROMPTS[0])
+    greedy = small.generate_ids([ids], do_sample=False, max_new_tokens=10, ignore_eos=True)
+    assert small.generate_ids([ids], temperature=temperature, seed=0, max_new_tokens=10, ignore_eos=True) == greedy
+    text = small.generate(PROMPTS[0], temperature=temperature, seed=0, max_new_tokens=5, return_full_text=False)
+    assert text == small.tokenizer.decode(greedy[0][:5]) and text
+
+
+def test_a_temperature_near_zero_draws_among_the_tokens_tied_at_the_top(no_warnings):
+    logits = np.array([1.0, 3.0, 2.0, 3.0, -1.0], np.float32)
+    rng = np.random.default_rng(0)
+    for temperature in (1e-300, 1e-40):
+        options = GenerationOptions(temperature=temperature, top_k=3, top_p=0.99)
+        assert {next_token(logits.copy(), options, rng) for _ in range(100)} == {1, 3}
+
+
+def test_a_huge_temperature_is_uniform(no_warnings):
+    logits = np.array([1.0, 3.0, 2.0, 3.0, -1.0], np.float32)
+    rng = np.random.default_rng(0)
+    counts = np.bincount([next_token(logits.copy(), GenerationOptions(temperature=1e300), rng) for _ in range(2000)])
+    assert (np.abs(counts - 400) < 100).all(), counts
+
+
+def test_ordinary_temperatures_divide_in_float32_as_transformers_does():
+    logits = (np.random.default_rng(0).standard_normal(50257) * 5).astype(np.float32)
+    for temperature in (1e-3, 0.7, 1.0, 2.5, 100.0):
+        expected = logits / np.float32(temperature)
+        assert np.array_equal(apply_temperature(logits.copy(), temperature), expected)
+
+
+def test_a_repetition_penalty_near_zero_or_huge_in_the_limit(no_warnings):
+    """A seen positive logit divided by ~0 outweighs every other token (the largest such one wins); a
+    seen negative one multiplied by a huge penalty can never be drawn. Once an IndexError."""
+    logits = np.array([10.0, 3.0, 2.0, -1.0, 5.0], np.float32)
+    seen = np.array([False, True, True, True, False])
+    for penalty in (1e-300, 5e-324, 1e-40):
+        penalized = apply_repetition_penalty(logits.copy(), seen, penalty)
+        assert penalized[1] == 0 and np.isneginf(penalized[[0, 2, 3, 4]]).all(), (penalty, penalized)
+        options, rng = GenerationOptions(repetition_penalty=penalty), np.random.default_rng(0)
+        assert {next_token(logits.copy(), options, rng, seen) for _ in range(50)} == {1}
+    assert apply_repetition_penalty(logits.copy(), seen, 1e300).tolist() == [0, -10, -10, -np.inf, -5]
+
+
+def test_a_repetition_penalty_near_zero_when_sampling(small, no_warnings):
+    """Sampling then agrees with greedy: only the most likely token already seen can be drawn."""
+    ids = small.tokenizer.encode(PROMPTS[0])
+    for penalty in (1e-300, 5e-324):
+        kwargs = dict(max_new_tokens=8, ignore_eos=True, repetition_penalty=penalty)
+        greedy = small.generate_ids([ids], do_sample=False, **kwargs)
+        assert small.generate_ids([ids], seed=3, **kwargs) == greedy
+        assert set(greedy[0]) <= set(ids)
+
+
 def test_greedy_ignores_sampling_knobs(small):
     a = small.generate_ids([[1, 2, 3]], do_sample=False, max_new_tokens=8, temperature=0.01, top_k=1, top_p=0.1)
     b = small.generate_ids([[1, 2, 3]], do_sample=False, max_new_tokens=8)
@@ -342,7 +420,7 @@ def test_stream_holds_back_split_characters(small):
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [
-        (dict(temperature=0), ValueError, "do_sample=False"),
+        (dict(temperature=0), ValueError, "turn do_sample off"),
         (dict(temperature=-1), ValueError, "temperature"),
         (dict(top_p=0), ValueError, r"top_p must be in \(0, 1\]"),
         (dict(top_p=1.5), ValueError, "top_p"),
@@ -365,6 +443,26 @@ def test_bad_arguments(small, kwargs, error, message):
         small.generate("Hi", **kwargs)
 
 
+@pytest.mark.parametrize("call", ["generate", "generate_ids", "stream"])
+def test_an_unknown_option_is_a_type_error_naming_the_known_ones(small, call):
+    prompt = [[1, 2]] if call == "generate_ids" else "Hi"
+    message = rf"{call}\(\) got an unexpected keyword argument 'max_tokens'; its options are max_new_tokens, do_sample"
+    with pytest.raises(TypeError, match=message):
+        getattr(small, call)(prompt, max_tokens=3)
+
+
+def test_the_entry_points_take_their_defaults_from_generation_options(small):
+    """generate, generate_ids and stream have no defaults of their own: omitted options are GenerationOptions'."""
+    from dataclasses import asdict
+
+    explicit = asdict(GenerationOptions())
+    assert small.generate("Hi", seed=4) == small.generate("Hi", seed=4, **explicit)
+    assert "".join(small.stream("Hi", seed=4)) == small.generate("Hi", seed=4)
+    ids = small.tokenizer.encode("Hi")
+    assert small.generate_ids([ids], seed=4) == small.generate_ids([ids], seed=4, **explicit)
+    assert len(small.generate_ids([ids], seed=4, ignore_eos=True)[0]) == GenerationOptions().max_new_tokens
+
+
 def test_bad_prompts(small):
     with pytest.raises(ValueError, match="empty"):
         small.generate([])
@@ -380,6 +478,30 @@ def test_bad_prompts(small):
         small.generate_ids([[60000]])
     with pytest.raises(TypeError, match="one prompt string"):
         small.stream(["a"])
+
+
+NOT_IDS = [  # (a prompt that is not token ids, what the message says it is)
+    ([1.7], "dtype float64"),
+    ([True], "dtype bool"),
+    (["a"], "dtype <U1"),
+    ([5, 2.0], "dtype float64"),
+    ([5, True], "True"),
+    ([5, "a"], "dtype <U21"),
+    (np.array([5.0]), "dtype float64"),
+]
+
+
+@pytest.mark.parametrize("prompt, shown", NOT_IDS)
+def test_generate_ids_takes_integer_ids_by_the_rule_of_model(small, prompt, shown):
+    """[[1.7]] and [[True]] were read as id 1, and [["a"]] leaked int()'s message; model() refuses them all."""
+    with pytest.raises(ValueError, match=rf"^prompt 1 must be integer token ids, got {re.escape(shown)}$"):
+        small.generate_ids([[5, 6], prompt], max_new_tokens=2)
+    with pytest.raises(ValueError, match=rf"^ids must be integer token ids, got {re.escape(shown)}$"):
+        small(prompt)
+    with pytest.raises(ValueError, match="prompt 0 must be a flat list of token ids"):
+        small.generate_ids([[[5, 6]]], max_new_tokens=2)
+    ids = [np.array([5, 6]), (np.int32(5), np.int64(6)), [5, 6]]
+    assert len(set(map(tuple, small.generate_ids(ids, max_new_tokens=3, do_sample=False)))) == 1
 
 
 def test_temperature_zero_is_fine_when_greedy(small):

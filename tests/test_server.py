@@ -197,6 +197,15 @@ def test_several_prompts_match_the_library(server, model):
     assert server.score({"input_data": prompts, "params": params}) == (200, texts)  # the seed reproduces
 
 
+def test_values_at_the_edge_of_float32_are_answered(server, model):
+    """A repetition penalty of 1e-300 once raised an IndexError in the sampler: a 500."""
+    body = {"input_data": ["Hello"], "params": {"repetition_penalty": 1e-300, "temperature": 1e-300, "seed": 1,
+                                                "max_new_tokens": 5}}
+    status, texts = server.score(body)
+    with one_blas_thread():
+        assert (status, texts) == (200, model.generate(body["input_data"], **body["params"]))
+
+
 def test_unknown_route_and_method(server):
     status, _, body = server.request("GET", "/nowhere")
     assert status == 404 and "POST /score" in json.loads(body)["error"]
@@ -249,8 +258,35 @@ def test_max_new_tokens_cap_counts_the_longest_prompt(server, model):
     prompt = " a" * 20
     room = TINY.n_ctx - len(model.tokenizer.encode(prompt))
     status, answer = server.score({"input_data": ["x", prompt], "params": {"max_new_tokens": room + 1}})
-    assert status == 400 and f"at most {room}" in answer["error"] and "input_data[1]" in answer["error"]
+    assert status == 400 and f"lower params.max_new_tokens to {room}" in answer["error"]
+    assert "input_data[1]" in answer["error"]
     assert server.score({"input_data": ["x", prompt], "params": {"max_new_tokens": room, "do_sample": False}})[0] == 200
+
+
+def test_max_new_tokens_cap_is_named_when_it_is_the_tighter_limit():
+    from gpt2np.request import parse_request
+    from gpt2np.server import HTTPError, check_lengths
+
+    request = parse_request('{"input_data": ["a", "b"], "params": {"max_new_tokens": 50}}')
+    ids = [[1], [1] * 20]
+    cap = r"params.max_new_tokens must be at most 30 here \(this server's --max-new-tokens-cap\), got 50"
+    with pytest.raises(HTTPError, match=cap):
+        check_lengths(request, ids, 128, cap=30)
+    context = r"input_data\[1\] is 20 tokens and params.max_new_tokens is 50, .* lower params.max_new_tokens to 8 "
+    with pytest.raises(HTTPError, match=context):  # the context leaves 8 tokens, fewer than the cap
+        check_lengths(request, ids, 28, cap=40)
+    check_lengths(request, ids, 128, cap=50)
+
+
+def test_azure_ml_shape(server, model):
+    """{"input_data": {"input_string": [...], "parameters": {...}}} is the same request as the flat shape."""
+    prompts, params = ["Hello there", "Once"], {"max_new_tokens": 6, "do_sample": False, "return_full_text": False}
+    status, texts = server.score({"input_data": {"input_string": prompts, "parameters": params}})
+    assert status == 200
+    with one_blas_thread():
+        assert texts == model.generate(prompts, **params)
+    status, answer = server.score({"input_data": {"input_string": prompts, "parameters": {"top_p": 2}}})
+    assert status == 400 and answer["error"].startswith("input_data.parameters.top_p must be in (0, 1]")
 
 
 @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded"])

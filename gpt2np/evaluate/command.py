@@ -47,10 +47,7 @@ _METHOD_KEYS = ("max_length", "stride", "prepend_eot", "eos", "detokenizer", "li
 
 
 def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
-    from ..cli import (
-        ArgumentParser,  # a bad flag is a one-line UsageError, as in every gpt2np command
-        stop_text,
-    )
+    from ..console import ArgumentParser, add_debug_argument, stop_text  # a bad flag is one line, as everywhere
 
     parser = ArgumentParser(
         prog=prog,
@@ -62,7 +59,8 @@ def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
     parser.add_argument("--data", help="the task's test file; without it, LAMBADA is downloaded (checksum-pinned) "
                         "and the other tasks stop with the file to fetch")  # fmt: skip
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--max-length", type=int, help="window length for perplexity tasks (default: the model's context)")
+    parser.add_argument("--max-length", type=int,
+                        help="window length for perplexity tasks (default: the model's context)")
     parser.add_argument("--stride", type=int, help="how far the window moves (default: min(512, max length))")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,
                         help=f"windows, sequences or articles per batch (default: {DEFAULT_BATCH_SIZE})")  # fmt: skip
@@ -72,6 +70,7 @@ def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
     parser.add_argument("--detokenizer", choices=list(DETOKENIZERS), help="override the task's detokenizer")
     parser.add_argument("--cache-dir", help="where downloaded test files go (default: ~/.cache/gpt2np/datasets)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_debug_argument(parser)
     summaries = parser.add_argument_group("cnn_dailymail (defaults: the GPT-2 paper's method)")
     summaries.add_argument("--seed", type=int, default=0,
                            help="article i samples from this seed's i-th child (default: 0)")
@@ -84,10 +83,13 @@ def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, *, prog: str = "gpt2np eval") -> int:
-    """Run the command; returns the exit status (2 with one line on stderr on any error)."""
-    from ..cli import UsageError, load_model, one_line
+    """Run the command; returns the exit status. Errors follow every gpt2np command's convention
+    (gpt2np.console): one line on stderr, 2 for bad input (a flag, the model, a data file), 130 on Ctrl-C."""
+    from ..console import load_model, run, wants_debug
 
-    try:
+    argv = list(sys.argv[1:] if argv is None else argv)
+
+    def body() -> int:
         args = build_parser(prog).parse_args(argv)
         model = load_model(args.model, revision="main", cache_dir=None, progress=not args.quiet)
         report = evaluate_task(
@@ -97,14 +99,9 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "gpt2np eval") -> int
             seed=args.seed, suffix=args.suffix, max_new_tokens=args.max_new_tokens, top_k=args.top_k,
             sentences=args.sentences,
         )  # fmt: skip
-    except SystemExit as e:  # --help
-        return e.code if isinstance(e.code, int) else 0
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-    except (UsageError, ValueError, OSError) as e:
-        print(f"{prog}: error: {one_line(e)}", file=sys.stderr)
-        return 2
-    report = {"model": args.model} | report
-    print(json.dumps(report, indent=2) if args.json else format_table(report, model=args.model))
-    return 0
+        report = {"model": args.model} | report
+        print(json.dumps(report, indent=2) if args.json else format_table(report, model=args.model))
+        return 0
+
+    # A data file that is missing or malformed is a ValueError or OSError from the task: bad input too.
+    return run(body, prog=prog, debug=wants_debug(argv), usage_errors=(ValueError, OSError))

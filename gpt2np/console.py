@@ -56,7 +56,6 @@ def run(body: Callable[[], int | None], *, prog: str, debug: bool = False, usage
     statuses and one-line messages of the module's docstring. `usage_errors` are more exception
     types to report as bad input (status 2), for a command whose library raises them for bad data."""
     with counting_ctrl_c() as ctrl_c:
-        pressed_before = ctrl_c.presses
         try:
             tolerate_unencodable_output()
             with guarded_stdout():
@@ -65,6 +64,7 @@ def run(body: Callable[[], int | None], *, prog: str, debug: bool = False, usage
             check_ctrl_c()
             return EXIT_OK if status is None else status
         except KeyboardInterrupt:
+            ctrl_c.seen = ctrl_c.presses
             return interrupted(prog)
         except BrokenPipeError:  # `gpt2np ... | head`: the reader left; nothing more to say
             silence_stdout()
@@ -75,7 +75,8 @@ def run(body: Callable[[], int | None], *, prog: str, debug: bool = False, usage
         except SystemExit as e:  # argparse's --help and --version
             return e.code if isinstance(e.code, int) else EXIT_OK
         except Exception as e:
-            if ctrl_c.presses > pressed_before:  # raised in place of the KeyboardInterrupt (see counting_ctrl_c)
+            if ctrl_c.presses > ctrl_c.seen:  # raised in place of the KeyboardInterrupt (see counting_ctrl_c)
+                ctrl_c.seen = ctrl_c.presses
                 return interrupted(prog)
             return failed(prog, e, debug=debug, usage=isinstance(e, (UsageError, *usage_errors)))
 
@@ -93,14 +94,15 @@ def failed(prog: str, error: Exception, *, debug: bool, usage: bool) -> int:
 
 # ---------------------------------------------------------------------------------------- Ctrl-C
 class _CtrlC:
-    """A SIGINT handler that raises KeyboardInterrupt, as Python's own does, and counts the presses.
+    """A SIGINT handler that raises KeyboardInterrupt, as Python's own does, and counts the presses
+    (and those a command has said it was interrupted by: a command run by another shares the count).
 
     It does not raise inside code that exec() runs (dataclasses and namedtuple build their methods
     so, while modules are imported): a KeyboardInterrupt leaving exec() makes CPython end the process
     by SIGINT at exit, however it was handled. That press is raised by `check_ctrl_c` instead."""
 
     def __init__(self):
-        self.presses = 0
+        self.presses = self.seen = 0
 
     def __call__(self, signum, frame):
         self.presses += 1
@@ -140,10 +142,10 @@ def counting_ctrl_c():
 
 def check_ctrl_c() -> None:
     """Raise the KeyboardInterrupt of a Ctrl-C pressed during this command that was lost on its way up
-    (see counting_ctrl_c): a command still running after a press has not seen it. Called after the
-    arguments are parsed (the heavy imports are done), after the model is loaded, and at the end."""
+    (see counting_ctrl_c): a press no command has reported. Called after the arguments are parsed
+    (the heavy imports are done), after the model is loaded, and at the end."""
     handler = signal.getsignal(signal.SIGINT)
-    if isinstance(handler, _CtrlC) and handler.presses:
+    if isinstance(handler, _CtrlC) and handler.presses > handler.seen:
         raise KeyboardInterrupt
 
 

@@ -401,6 +401,24 @@ def test_ctrl_c_while_importing_exits_130_without_a_traceback(tmp_path, env):
         assert (process.returncode, err.decode()) == (130, "python -m gpt2np: interrupted\n"), (extra, after)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
+def test_ctrl_c_in_eval_is_said_once(checkpoint, env, tmp_path):
+    """`gpt2np eval` runs inside gpt2np's own main: once both said they were interrupted."""
+    data = tmp_path / "ptb.test.txt"
+    data.write_text(" the cat sat on the mat \n" * 200_000)  # seconds of tokenizing and scoring
+    argv = [sys.executable, "-m", "gpt2np", "eval", "--model", str(checkpoint), "--task", "ptb", "--data", str(data),
+            "--quiet"]
+    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               env=env, cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        time.sleep(1.0)  # importing, loading, tokenizing or scoring: wherever it lands, the command is running
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=TIMEOUT)
+    finally:
+        process.kill()
+    assert (process.returncode, err.decode()) == (130, "gpt2np eval: interrupted\n")
+
+
 # ---------------------------------------------------------------------------------------- help
 def test_help_shows_every_flag_with_its_default_and_the_model_card_example(env):
     result = run(["--help"], env)

@@ -332,7 +332,7 @@ def read_request_file(path: str) -> str:
 def fit_prompts(model, request, args: argparse.Namespace, *, prog: str) -> list[str]:
     """The prompts, each checked to fit the context with max_new_tokens, or cut to fit (--truncate-prompt)."""
     max_new_tokens = request.options.max_new_tokens
-    from_request = args.json is not None and "max_new_tokens" in request.params
+    from_request = args.json is not None and "max_new_tokens" in request.given_params
     limit = request.param_field("max_new_tokens") if from_request else "--max-new-tokens"  # as the user set it
     fitted = []
     for i, prompt in enumerate(request.prompts):

@@ -46,7 +46,7 @@ class Request:
     return_full_text: bool
     prompts_field: str = "input_data"  # "input_data.input_string" in Azure ML's shape
     params_field: str = "params"  # "input_data.parameters" in Azure ML's shape
-    params: frozenset[str] = frozenset()  # the params the request set
+    given_params: frozenset[str] = frozenset()  # the names of the params the request set
 
     def prompt_field(self, i: int) -> str:
         return f"{self.prompts_field}[{i}]"

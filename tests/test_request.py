@@ -31,7 +31,7 @@ def test_the_model_card_request():
     assert request.options == GenerationOptions(max_new_tokens=100, temperature=0.8, top_p=1.0, do_sample=True)
     assert (request.seed, request.return_full_text) == (None, True)
     assert request.prompt_field(0) == "input_data[0]" and request.param_field("top_p") == "params.top_p"
-    assert request.params == set(MODEL_CARD_REQUEST["params"])
+    assert request.given_params == set(MODEL_CARD_REQUEST["params"])
 
 
 def test_azure_ml_shape_is_the_same_request():

@@ -48,13 +48,16 @@ def check_fits(n_prompt: int, max_new_tokens: int, n_ctx: int, *, what: str = "t
     model's context. Raises a ValueError naming both numbers and the fix; `what` names the prompt
     and `limit` the option as the caller's user spells them."""
     tokens = f"{n_prompt} token{'s' if n_prompt != 1 else ''}"
-    if n_prompt >= n_ctx:
-        raise ValueError(f"{what} is {tokens}, which leaves no room to generate in the model's "
-                         f"{n_ctx}-token context; shorten it to at most {n_ctx - 1} tokens")  # fmt: skip
-    if n_prompt + max_new_tokens > n_ctx:
+    room = n_ctx - max_new_tokens  # the longest prompt that fits with max_new_tokens
+    if n_prompt >= n_ctx:  # only a shorter prompt can fit
+        fix = (f"shorten it to at most {room} tokens (with {limit} {max_new_tokens})" if room >= 1 else
+               f"shorten it and lower {limit}: together they may take {n_ctx} tokens")  # fmt: skip
+        raise ValueError(f"{what} is {tokens}, which leaves no room to generate in the model's {n_ctx}-token "
+                         f"context; {fix}")  # fmt: skip
+    if n_prompt > room:
+        shorter = f" or shorten the prompt to {room} tokens" if room >= 1 else ""
         raise ValueError(f"{what} is {tokens} and {limit} is {max_new_tokens}, more than the model's "
-                         f"{n_ctx}-token context together; lower {limit} to {n_ctx - n_prompt} or shorten "
-                         "the prompt")  # fmt: skip
+                         f"{n_ctx}-token context together; lower {limit} to {n_ctx - n_prompt}{shorter}")  # fmt: skip
 
 
 def left_pad(prompts: Sequence[Sequence[int]]):  # B prompts -> [B, L] ids, [B, L] valid, [B, L] positions

@@ -193,7 +193,7 @@ def test_a_prompt_too_long_names_both_numbers_and_a_fix_that_works(server):
     for n in (64, 70, 100):
         _, answer = post(server, json.dumps({"input_data": [" a" * n], "params": {"max_new_tokens": 5}}))
         no_room = f"input_data[0] is {n} tokens, which leaves no room to generate in the model's 64-token context"
-        assert answer["error"] == no_room + "; shorten it to at most 63 tokens"
+        assert answer["error"] == no_room + "; shorten it to at most 59 tokens (with params.max_new_tokens 5)"
     _, answer = post(server, json.dumps({"input_data": [" a" * 60], "params": {"max_new_tokens": 10}}))
     too_many = "input_data[0] is 60 tokens and params.max_new_tokens is 10, more than the model's 64-token context"
-    assert answer["error"] == too_many + " together; lower params.max_new_tokens to 4 or shorten the prompt"
+    assert answer["error"] == too_many + " together; lower params.max_new_tokens to 4 or shorten the prompt to 54 tokens"

@@ -272,7 +272,7 @@ def test_max_new_tokens_cap_is_named_when_it_is_the_tighter_limit():
     cap = r"params.max_new_tokens must be at most 30 here \(this server's --max-new-tokens-cap\), got 50"
     with pytest.raises(HTTPError, match=cap):
         check_lengths(request, ids, 128, cap=30)
-    context = r"input_data\[1\] is 20 tokens and params.max_new_tokens is 50, .* lower params.max_new_tokens to 8 "
+    context = r"input_data\[1\] is 20 tokens and params.max_new_tokens is 50, .* lower params.max_new_tokens to 8$"
     with pytest.raises(HTTPError, match=context):  # the context leaves 8 tokens, fewer than the cap
         check_lengths(request, ids, 28, cap=40)
     check_lengths(request, ids, 128, cap=50)

@@ -17,6 +17,9 @@ from safetensors.numpy import save_file
 from gpt2np import GPT2Config
 from gpt2np.checkpoint import random_state_dict
 
+# The shared tiny checkpoint's shape (tests/conftest.py's `tiny_folder`): GPT-2's whole vocabulary.
+TINY = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
+
 
 def write_checkpoint(folder, config: GPT2Config, *, layout="openai", seed=0, std=0.02, dtype="F32",
                      shard_count=1) -> Path:  # fmt: skip

@@ -651,17 +651,11 @@ def reference_text(tokenizer, n_tokens=2040):
 
 
 @pytest.fixture(scope="module")
-def full_size(tmp_path_factory):
+def full_size(gpt2_pair):
+    """conftest.py's full-size pair, with torch's autograd off while this module uses it."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    transformers.utils.logging.disable_progress_bar()
-    config = GPT2Config.preset("gpt2")
-    folder = tmp_path_factory.mktemp("gpt2-random-full-size")
-    save_checkpoint(folder, config, random_state_dict(config, seed=1))
-    ours = GPT2.from_pretrained(folder)
-    theirs = transformers.GPT2LMHeadModel.from_pretrained(folder).eval()
     torch.set_grad_enabled(False)
-    yield ours, theirs
+    yield gpt2_pair
     torch.set_grad_enabled(True)
 
 

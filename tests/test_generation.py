@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from checkpoints import hf_reference, write_checkpoint
 from gpt2np import GPT2, GPT2Config, Tokenizer
 from gpt2np.engine import Engine, Row
 from gpt2np.generation import RowText
@@ -46,20 +45,12 @@ def small():
 
 
 # ------------------------------------------------------------------------------- parity with transformers
-@pytest.fixture(scope="module")
-def full_size(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    folder = write_checkpoint(tmp_path_factory.mktemp("gpt2"), GPT2Config.preset("gpt2"), layout="transformers", seed=2)
-    return GPT2.from_pretrained(folder), hf_reference(folder)
-
-
-def test_greedy_ids_match_transformers(full_size):
+def test_greedy_ids_match_transformers(gpt2_pair):
     """Greedy ids equal transformers' generate(do_sample=False), each prompt alone in transformers,
     all prompts as one ragged (left-padded) batch in gpt2np."""
     import torch
 
-    ours, hf = full_size
+    ours, hf = gpt2_pair
     tok = ours.tokenizer
     prompts = [tok.encode(p) for p in PROMPTS]
     batch = ours.generate_ids(prompts, max_new_tokens=40, do_sample=False, ignore_eos=True)

@@ -28,8 +28,7 @@ from gpt2np.hub import (
     RevisionNotFoundError,
 )
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-from fakehub import FakeHub, git_blob_sha1, sha256  # noqa: E402
+from fakehub import FakeHub, git_blob_sha1, sha256
 
 REPO = "openai-community/gpt2"
 FOLDER = "models--openai-community--gpt2"

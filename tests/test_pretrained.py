@@ -2,7 +2,6 @@
 name resolves, the checkpoint lands in the hub cache once, loads offline afterwards, carries the
 repo's tokenizer, and transformers loads the same cached checkpoint with HF_HUB_OFFLINE=1."""
 
-import json
 import os
 import subprocess
 import sys

@@ -20,11 +20,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from checkpoints import TINY  # the shared tiny checkpoint's config (tests/conftest.py)
 from gpt2np import GPT2, GPT2Config
 from gpt2np.checkpoint import random_state_dict, save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
 MODEL_CARD_BODY = {
     "input_data": ["My name is John and I am", "Once upon a time,"],
     "params": {"top_p": 1.0, "temperature": 0.8, "max_new_tokens": 100, "do_sample": True, "return_full_text": True},
@@ -154,13 +154,8 @@ def one_blas_thread():
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    return checkpoint(tmp_path_factory.mktemp("tiny"), TINY)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_folder) -> GPT2:
-    return GPT2.from_pretrained(tiny_folder)
+def model(tiny_model) -> GPT2:  # conftest.py's session model: the checkpoint `tiny_folder` the servers load
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

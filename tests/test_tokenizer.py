@@ -3,7 +3,6 @@
 import hashlib
 import json
 import shutil
-import sys
 from importlib import resources
 from pathlib import Path
 

@@ -107,6 +107,21 @@ def check_seed(seed) -> int | None:
     return int(seed)
 
 
+MAX_LOGPROBS = 5  # alternatives reported per token: OpenAI's limit, and what a reader of them needs
+
+
+def check_logprobs(logprobs, *, name: str = "logprobs") -> int | None:
+    """The log-probs rule: None (none asked) or how many alternatives per token, 0 to MAX_LOGPROBS
+    (0: the chosen token's alone)."""
+    if logprobs is None:
+        return None
+    if isinstance(logprobs, bool) or not isinstance(logprobs, numbers.Integral):
+        raise TypeError(f"{name} must be an integer or None, got {logprobs!r}")
+    if not 0 <= logprobs <= MAX_LOGPROBS:
+        raise OptionError(name, f"must be in [0, {MAX_LOGPROBS}], got {logprobs}")
+    return int(logprobs)
+
+
 def generation_arguments(kwargs: dict, *, method: str, text: bool = True) -> tuple[GenerationOptions, int | None, bool]:
     """The keyword arguments of `generate`, `generate_ids` (`text=False`) or `stream`, checked:
     (options, seed, return_full_text). The one way they are read, so every entry point has the same
@@ -131,6 +146,39 @@ def row_generators(seed, n: int) -> list[np.random.Generator]:
     many other prompts share its call: generate(["a", "b"], seed=1)[0] == generate("a", seed=1).
     """
     return [np.random.default_rng(child) for child in np.random.SeedSequence(check_seed(seed)).spawn(n)]
+
+
+@dataclass(frozen=True)
+class LogitAdjustments:
+    """OpenAI's additions to the logits, beside GenerationOptions rather than in it (the model card's
+    endpoint, the command line and `generate` keep exactly their options): `logit_bias` adds a fixed
+    amount to chosen tokens' logits, and for every token t generated c[t] times so far,
+    logit[t] -= c[t] * frequency_penalty + (c[t] > 0) * presence_penalty. Ranges are OpenAI's."""
+
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs
+
+    def __post_init__(self):
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_number(name, getattr(self, name))
+            if not -2 <= getattr(self, name) <= 2:
+                raise OptionError(name, f"must be in [-2, 2] (0 turns it off), got {getattr(self, name)}")
+        for token, bias in self.logit_bias:
+            _check_number("a logit_bias token id", token, integer=True)
+            _check_number(f"logit_bias[{token}]", bias)
+            if token < 0:
+                raise OptionError("logit_bias", f"token ids must be >= 0, got {token}")
+            if not -100 <= bias <= 100:
+                raise OptionError(f"logit_bias[{token}]", f"must be in [-100, 100], got {bias}")
+
+    @property
+    def counts_tokens(self) -> bool:
+        """Whether the penalties need the count of each generated token."""
+        return self.presence_penalty != 0 or self.frequency_penalty != 0
+
+    def __bool__(self) -> bool:
+        return self.counts_tokens or bool(self.logit_bias)
 
 
 # ---------------------------------------------------------------------------------------- sampler
@@ -173,6 +221,35 @@ def _penalty_in_the_limit(logits, seen, penalty):  # [V], [V] bool -> [V]
             z -= top
         logits[:] = z
     return logits
+
+
+def apply_logit_bias(logits, logit_bias):  # [V] -> [V], in place
+    """OpenAI's logit_bias: a fixed amount added to the logits of chosen tokens (ids past the
+    logits' end, which the tokenizer cannot decode, are never chosen anyway)."""
+    for token, bias in logit_bias:
+        if token < len(logits):
+            logits[token] += np.float32(bias)
+    return logits
+
+
+def apply_count_penalties(logits, counts, presence_penalty, frequency_penalty):  # [V], [V] int -> [V], in place
+    """OpenAI's additive penalties over the tokens generated so far (not the prompt's):
+    logit[t] -= c[t] * frequency_penalty + (c[t] > 0) * presence_penalty."""
+    seen = np.flatnonzero(counts[: len(logits)])
+    logits[seen] -= (counts[seen] * frequency_penalty + presence_penalty).astype(np.float32)
+    return logits
+
+
+def log_softmax_top(logits, token: int, k: int) -> tuple[float, np.ndarray, np.ndarray]:  # [V] -> lp, [k], [k]
+    """log softmax(logits) at `token`, and the k most likely tokens (most likely first, equal
+    logits by id) with theirs: the model's own figures, for reporting. As in gpt2np.evaluate's
+    `target_log_probs`: the float32 exponentials of logit - max are summed in float64."""
+    top = float(logits.max())
+    log_sum = float(np.log(np.add.reduce(np.exp(logits - top), dtype=np.float64)))
+    best = np.argpartition(-logits, k - 1)[:k] if 0 < k < len(logits) else np.arange(len(logits) if k else 0)
+    best = best[np.lexsort((best, -logits[best]))]
+    best_log_probs = logits[best].astype(np.float64) - top - log_sum
+    return float(logits[token]) - top - log_sum, best, best_log_probs
 
 
 def apply_temperature(logits, temperature):  # [V] -> [V], in place
@@ -246,10 +323,17 @@ def warp(logits, options: GenerationOptions):  # [V] -> [V] bool, or None for "e
     return keep
 
 
-def next_token(logits, options: GenerationOptions, rng: np.random.Generator, seen=None) -> int:  # [V] -> id
-    """Choose the next token from one row's logits (a scratch float32 array, changed in place)."""
+def next_token(logits, options: GenerationOptions, rng: np.random.Generator, seen=None, *,
+               adjust: LogitAdjustments | None = None, counts=None) -> int:  # [V] -> id
+    """Choose the next token from one row's logits (a scratch float32 array, changed in place).
+    The order: logit_bias, repetition penalty, OpenAI's count penalties (with `adjust`; `counts`
+    [V] says how often each token was generated), then greedy or the warpers and the draw."""
+    if adjust and adjust.logit_bias:
+        apply_logit_bias(logits, adjust.logit_bias)
     if options.repetition_penalty != 1.0 and seen is not None:
         apply_repetition_penalty(logits, seen, options.repetition_penalty)
+    if adjust and adjust.counts_tokens and counts is not None:
+        apply_count_penalties(logits, counts, adjust.presence_penalty, adjust.frequency_penalty)
     if not options.do_sample:
         return int(np.argmax(logits))
     keep = warp(logits, options)
@@ -291,14 +375,16 @@ class RowSampler:
     (gpt2np.engine) has one, so a row chooses the same tokens from the same seed whoever shares its batch.
     """
 
-    def __init__(self, prompt: Sequence[int], options: GenerationOptions, rng: np.random.Generator, vocab_size: int):
-        self.options, self.rng = options, rng
+    def __init__(self, prompt: Sequence[int], options: GenerationOptions, rng: np.random.Generator, vocab_size: int,
+                 adjust: LogitAdjustments | None = None):
+        self.options, self.rng, self.adjust = options, rng, adjust
         self.n_new = 0
         self.ended = False  # drew EOS
         self.seen = None  # [V] bool
         if options.repetition_penalty != 1.0:
             self.seen = np.zeros(vocab_size, dtype=bool)
             self.seen[list(prompt)] = True
+        self.counts = np.zeros(vocab_size, dtype=np.int64) if adjust and adjust.counts_tokens else None  # [V]
 
     @property
     def done(self) -> bool:
@@ -307,11 +393,13 @@ class RowSampler:
     def choose(self, logits, eos: int) -> int | None:  # [V] scratch float32, changed in place -> id
         """The next token, counted and marked seen; None (and `done`) when it is EOS that ends the row."""
         seen = None if self.seen is None else self.seen[: len(logits)]  # logits may stop at the tokenizer's ids
-        token = next_token(logits, self.options, self.rng, seen)
+        token = next_token(logits, self.options, self.rng, seen, adjust=self.adjust, counts=self.counts)
         if token == eos and not self.options.ignore_eos:
             self.ended = True
             return None
         self.n_new += 1
         if self.seen is not None:
             self.seen[token] = True
+        if self.counts is not None:
+            self.counts[token] += 1
         return token

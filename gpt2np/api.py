@@ -12,15 +12,26 @@ from __future__ import annotations
 
 import numbers
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
 from . import engine
 from .checkpoint import CONFIG_NAME, check_tokenizer, load_state_dict, random_state_dict, unflatten
 from .config import GPT2Config
-from .generation import check_prompts, generate_ids, generate_text, stream_text
-from .sampling import generation_arguments, row_generators
+from .generation import Completion, check_prompts, complete, generate_ids, generate_text, prepare_prompts, stream_text
+from .sampling import LogitAdjustments, check_logprobs, generation_arguments, row_generators
 from .tokenizer import Tokenizer
+
+
+class ScoredText(NamedTuple):
+    """`GPT2.score`'s answer: the text's ids, and for each token after the first its log-probability
+    and the `top` most likely tokens at its position with theirs (natural logs)."""
+
+    ids: list[int]
+    log_probs: np.ndarray  # [n - 1] float64
+    top_ids: np.ndarray  # [n - 1, top]
+    top_log_probs: np.ndarray  # [n - 1, top] float64
 
 
 class GPT2:
@@ -142,6 +153,36 @@ class GPT2:
             raise TypeError(f"stream takes one prompt string, got {type(prompt).__name__}")
         options, seed, return_full_text = generation_arguments(options, method="stream")
         return stream_text(self, prompt, options, row_generators(seed, 1)[0], return_full_text=return_full_text)
+
+    def complete(self, prompt_or_prompts, *, logprobs=None, presence_penalty=0.0, frequency_penalty=0.0,
+                 logit_bias=None, **options) -> Completion | list[Completion]:
+        """Like `generate`, but each prompt gives a `Completion`: its ids, the continuation's text, why it
+        ended, and with `logprobs=k` (0 to 5) the log-probability of every new token and of the k most
+        likely tokens at its step. Log-probs are the model's own, before temperature, top-k, top-p,
+        penalties and bias (what `score` gives for the same text). OpenAI's `presence_penalty`,
+        `frequency_penalty` (in [-2, 2], over the tokens generated) and `logit_bias` ({token id: bias in
+        [-100, 100]}) are taken too. The other options are generate_ids'."""
+        prompts, single = check_prompts(prompt_or_prompts)
+        options, seed, _ = generation_arguments(options, method="complete", text=False)
+        bias = tuple((logit_bias or {}).items())
+        adjust = LogitAdjustments(presence_penalty, frequency_penalty, bias)
+        ids = prepare_prompts(self.tokenizer, prompts, bos=self.config.bos_token_id)
+        done = complete(self, ids, options, row_generators(seed, len(prompts)), adjust,
+                        logprobs=check_logprobs(logprobs))
+        return done[0] if single else done
+
+    def score(self, text, *, top=0) -> ScoredText:
+        """The log-probability of every token of `text` (a string, or a list of token ids) after the
+        first, each given the tokens before it, and with `top=k` (0 to 5) the k most likely tokens at
+        each position (a `ScoredText`).
+        The figures are gpt2np.evaluate's `score_tokens` (one pass, float64-accumulated log-softmax).
+        The first token has nothing before it and is not scored."""
+        from .evaluate.scoring import score_ids  # the evaluation package is imported only when scoring
+
+        ids = self.tokenizer.encode(text, allowed_special="all") if isinstance(text, str) else _prompt_ids(text, 0)
+        if len(ids) < 1:
+            raise ValueError("nothing to score: the text is empty")
+        return ScoredText(ids, *score_ids(self, ids, top=check_logprobs(top, name="top")))
 
 
 def check_integer_ids(ids, array: np.ndarray, *, what: str) -> None:

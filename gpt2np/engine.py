@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .model import causal_mask, gpt2, lm_head
-from .sampling import GenerationOptions, RowSampler
+from .sampling import GenerationOptions, LogitAdjustments, RowSampler, log_softmax_top
 
 
 def check_fits(n_prompt: int, max_new_tokens: int, n_ctx: int, *, what: str = "the prompt",
@@ -136,16 +136,36 @@ def continuation_states(model, context: Sequence[int], targets: Sequence[Sequenc
 
 
 # ---------------------------------------------------------------------------------------- the batch
+@dataclass(frozen=True)
+class TokenLogProb:
+    """One chosen token's log-probability under the model, and the `k` most likely tokens' (most
+    likely first), all natural logs of the model's own distribution (see `Row.logprobs`)."""
+
+    token: int
+    log_prob: float
+    top_ids: np.ndarray  # [k]
+    top_log_probs: np.ndarray  # [k] float64
+
+
 class Row:
     """One sequence being decoded: its prompt ids, its sampler (options, random generator, tokens
     chosen) and whether the caller has finished it. Callers subclass it to carry their own state
-    (the text so far, the request it belongs to)."""
+    (the text so far, the request it belongs to).
 
-    def __init__(self, ids: Sequence[int], options: GenerationOptions, rng: np.random.Generator, vocab_size: int):
+    A row that sets `logprobs` to k (0 to 5: the chosen token only, or with the k most likely) gets
+    a `TokenLogProb` in `log_probs` for every token it produces. They are of the model's own
+    distribution, the raw logits before any penalty, bias, temperature, top-k or top-p (as OpenAI
+    and vLLM report them): what scoring the same text gives, whatever the sampler did.
+    """
+
+    def __init__(self, ids: Sequence[int], options: GenerationOptions, rng: np.random.Generator, vocab_size: int,
+                 adjust: LogitAdjustments | None = None, *, logprobs: int | None = None):
         self.ids = list(ids)
-        self.sampler = RowSampler(self.ids, options, rng, vocab_size)
+        self.sampler = RowSampler(self.ids, options, rng, vocab_size, adjust)
         self.finished = False  # set by finish(): the row leaves at the next forward()
         self.token: int | None = None  # the token chosen at the last step, fed at the next
+        self.logprobs = logprobs  # None: no log-probs asked (nothing is computed for the row)
+        self.log_probs: list[TokenLogProb] = []
 
     @property
     def options(self) -> GenerationOptions:
@@ -214,6 +234,10 @@ class Engine:
         if min(ids) < 0 or max(ids) >= config.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {config.vocab_size}), got {min(ids)}..{max(ids)}")
         check_fits(len(ids), row.options.max_new_tokens, config.n_ctx)
+        adjust = row.sampler.adjust
+        bad = [t for t, _ in adjust.logit_bias if t >= config.vocab_size] if adjust else []
+        if bad:
+            raise ValueError(f"logit_bias token ids must be in [0, {config.vocab_size}), got {bad[0]}")
 
     def add(self, rows: Sequence[Row]) -> None:
         """Prefill the prompts of `rows` in one left-padded pass and let them join the batch; their
@@ -235,8 +259,11 @@ class Engine:
         for i, row in enumerate(self.rows):
             if row.done:
                 continue
+            raw = None if row.logprobs is None else logits[i, : self.n_choosable].copy()  # the sampler changes them
             row.token = row.sampler.choose(logits[i, : self.n_choosable], self.eos)
             if row.token is not None:
+                if raw is not None:
+                    row.log_probs.append(TokenLogProb(row.token, *log_softmax_top(raw, row.token, row.logprobs)))
                 chosen.append((row, row.token))
         return chosen
 

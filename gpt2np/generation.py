@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
-from .engine import Engine, Row
-from .sampling import GenerationOptions
+from .engine import Engine, Row, TokenLogProb
+from .sampling import GenerationOptions, LogitAdjustments
 
 
 # ---------------------------------------------------------------------------------------- text
@@ -83,14 +84,20 @@ def check_prompts(prompt_or_prompts) -> tuple[list[str], bool]:
 class TextRow(Row):
     """A row of a generation call: the ids it produced and its text so far."""
 
-    def __init__(self, ids: Sequence[int], options: GenerationOptions, rng, model):
-        super().__init__(ids, options, rng, model.config.vocab_size)
+    def __init__(self, ids: Sequence[int], options: GenerationOptions, rng, model, adjust=None, *, logprobs=None):
+        super().__init__(ids, options, rng, model.config.vocab_size, adjust, logprobs=logprobs)
         self.text = RowText(model.tokenizer, options.stop)
         self.new_ids: list[int] = []
 
+    @property
+    def finish_reason(self) -> str:
+        """OpenAI's words for why the row ended: "stop" (EOS or a stop string) or "length" (max_new_tokens)."""
+        return "stop" if self.sampler.ended or self.text.stopped else "length"
 
-def text_rows(model, prompts: Sequence[Sequence[int]], options: GenerationOptions, rngs) -> list[TextRow]:
-    return [TextRow(ids, options, rng, model) for ids, rng in zip(prompts, rngs)]
+
+def text_rows(model, prompts: Sequence[Sequence[int]], options: GenerationOptions, rngs, adjust=None, *,
+              logprobs=None) -> list[TextRow]:
+    return [TextRow(ids, options, rng, model, adjust, logprobs=logprobs) for ids, rng in zip(prompts, rngs)]
 
 
 def run(model, rows: list[TextRow]) -> Iterator[list[TextRow]]:
@@ -143,3 +150,27 @@ def stream_text(model, prompt: str, options: GenerationOptions, rng, *, return_f
     piece = row.text.take()  # the tail held back until the row ended
     if piece:
         yield piece
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One prompt's continuation with what `GPT2.generate` leaves out: its prompt and new ids (EOS not
+    included; with a stop string, up to the token that completed it), the continuation's text (cut
+    before the stop string), why it ended ("stop": EOS or a stop string; "length": max_new_tokens),
+    and with `logprobs`, one `TokenLogProb` per new id."""
+
+    prompt_ids: list[int]
+    ids: list[int]
+    text: str
+    finish_reason: str
+    log_probs: list[TokenLogProb] | None
+
+
+def complete(model, prompts: Sequence[Sequence[int]], options: GenerationOptions, rngs, adjust: LogitAdjustments,
+             *, logprobs: int | None) -> list[Completion]:
+    """Generate for each prompt's ids, keeping ids, text, finish reason and (with `logprobs`) log-probs."""
+    rows = text_rows(model, prompts, options, rngs, adjust, logprobs=logprobs)
+    for _ in run(model, rows):
+        pass
+    return [Completion(list(r.ids), r.new_ids, r.text.text, r.finish_reason, None if logprobs is None else r.log_probs)
+            for r in rows]

@@ -89,11 +89,14 @@ def _score_batch(model, batch) -> list[tuple[np.ndarray, np.ndarray]]:
     return list(zip(np.split(log_probs, splits), np.split(greedy, splits)))
 
 
-def target_log_probs(hidden, wte, targets, *, rows: int = LOGIT_ROWS):  # [N, C], [V, C], [N] -> [N], [N]
+def target_log_probs(hidden, wte, targets, *, rows: int = LOGIT_ROWS,
+                     alternatives=None):  # [N, C], [V, C], [N] -> [N], [N]
     """log softmax(hidden @ wte.T)[target] for each row, and whether the target is the argmax.
 
     The log-sum-exp subtracts each row's maximum before exp (no overflow) and sums the float32
     exponentials in float64, so the result carries float32's logits but no accumulation error.
+    `alternatives`, a pair of arrays ([N, k] ids, [N, k] float64), is filled with each row's k most
+    likely tokens and their log-probs (most likely first, equal logits by id), from the same logits.
     """
     N = len(targets)
     log_probs, greedy = np.empty(N, dtype=np.float64), np.empty(N, dtype=bool)
@@ -105,11 +108,37 @@ def target_log_probs(hidden, wte, targets, *, rows: int = LOGIT_ROWS):  # [N, C]
         greedy[s : s + n] = best == target  # argmax's tie rule: the first maximum wins
         chosen = logits[rows_n, target]  # [n]
         top = logits[rows_n, best]  # [n], the row maxima
+        if alternatives is not None:
+            _top_tokens(logits, alternatives[0][s : s + n], alternatives[1][s : s + n])
         logits -= top[:, None]
         np.exp(logits, out=logits)
         log_sum = np.log(logits.sum(axis=-1, dtype=np.float64))  # log sum exp(logit - top)
         log_probs[s : s + n] = chosen.astype(np.float64) - top - log_sum
+        if alternatives is not None:
+            alternatives[1][s : s + n] -= (top + log_sum)[:, None]
     return log_probs, greedy
+
+
+def _top_tokens(logits, ids_out, values_out) -> None:  # [n, V] -> [n, k] ids, [n, k] logits as float64
+    """The k largest logits of each row and their ids, largest first, equal logits by id."""
+    k = ids_out.shape[1]
+    if k == 0:
+        return
+    best = np.argpartition(-logits, k - 1, axis=-1)[:, :k] if k < logits.shape[1] else np.argsort(-logits, axis=-1)
+    for r, ids in enumerate(best):
+        ids = ids[np.lexsort((ids, -logits[r, ids]))]
+        ids_out[r], values_out[r] = ids, logits[r, ids]
+
+
+def score_ids(model, ids: Sequence[int], *, top: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every token of one sequence after the first, scored from the tokens before it, with the `top`
+    most likely tokens at each position: float64 [n - 1] log-probs, [n - 1, top] ids and
+    [n - 1, top] float64 log-probs. The same pass and figures as `score_tokens` for `(ids, 1)`."""
+    ids = model.check_ids(np.asarray(ids)[None])  # [1, n]
+    x = engine.hidden_states(model, ids)[0, :-1]  # [n - 1, C]: position t predicts token t + 1
+    alternatives = (np.zeros((len(x), top), dtype=np.intp), np.zeros((len(x), top), dtype=np.float64))
+    log_probs, _ = target_log_probs(x, model.lm_head_weight, ids[0, 1:], alternatives=alternatives)
+    return log_probs, *alternatives
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,6 +101,12 @@ PARAMS = {
 def parse_request(body: str | bytes, *, defaults: Mapping | None = None) -> Request:
     """A request's JSON text (or its UTF-8 bytes), checked. `defaults` are keyword arguments of
     GPT2.generate that the request's params override (the command line's flags)."""
+    return check_request(read_json(body, example=EXAMPLE), defaults=defaults)
+
+
+def read_json(body: str | bytes, *, example: str):
+    """A request body's JSON value (strict: UTF-8, no NaN or Infinity), or a RequestError that shows
+    `example`, a request that would be read. Shared by every JSON route, so each reads bodies alike."""
     if isinstance(body, bytes):
         try:
             body = body.decode("utf-8")
@@ -108,14 +114,13 @@ def parse_request(body: str | bytes, *, defaults: Mapping | None = None) -> Requ
             problem = f"{e.reason} at byte {e.start}"
             raise RequestError(f"the request is not UTF-8 ({problem}); JSON must be encoded in UTF-8") from None
     if not body.strip():
-        raise RequestError(f"the request is empty; send a JSON object such as {EXAMPLE}")
+        raise RequestError(f"the request is empty; send a JSON object such as {example}")
     try:
-        data = json.loads(body, parse_constant=_reject_constant)
+        return json.loads(body, parse_constant=_reject_constant)
     except RecursionError:
-        raise RequestError("the request is nested too deeply to read; a request looks like " + EXAMPLE) from None
+        raise RequestError("the request is nested too deeply to read; a request looks like " + example) from None
     except ValueError as e:
-        raise RequestError(f"the request is not valid JSON ({e}); a request looks like {EXAMPLE}") from None
-    return check_request(data, defaults=defaults)
+        raise RequestError(f"the request is not valid JSON ({e}); a request looks like {example}") from None
 
 
 def _reject_constant(name: str):

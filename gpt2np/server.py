@@ -50,6 +50,7 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
+from .completions import NO_CHAT, CompletionError, CompletionsAPI, CompletionStream, error_body
 from .console import (
     EXIT_FAILURE,
     EXIT_OK,
@@ -80,12 +81,15 @@ CLIENT_CLOSED = 499  # the log's status for a request whose client left (nginx's
 
 
 class HTTPError(Exception):
-    """A request answered with an error status and {"error": message}."""
+    """A request answered with an error status and {"error": message} (OpenAI's shape on /v1/ routes,
+    with `param` and `code`)."""
 
-    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None, detail: str = ""):
+    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None, detail: str = "",
+                 param: str | None = None, code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
         self.detail = detail  # for the server log only (the cause of a 500)
+        self.param, self.code = param, code
 
 
 # ---------------------------------------------------------------------------------------- requests
@@ -309,6 +313,7 @@ class ScoringServer(ThreadingHTTPServer):
         self.timeout_seconds, self.max_body_bytes, self.max_new_tokens_cap = timeout, max_body_bytes, max_new_tokens_cap
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue)
         self.scheduler.start()
+        self.completions = CompletionsAPI(model, model_name, max_tokens_cap=max_new_tokens_cap)
         self._log, self._log_lock = log, threading.Lock()
         self._inflight, self._idle = 0, threading.Condition()
 
@@ -351,7 +356,9 @@ class ScoringHandler(BaseHTTPRequestHandler):
     server_version = "gpt2np"
     timeout = 30  # seconds a client may stall while sending a request
 
-    ROUTES = {("POST", "/score"): "score", ("GET", "/"): "liveness", ("GET", "/health"): "health"}
+    ROUTES = {("POST", "/score"): "score", ("GET", "/"): "liveness", ("GET", "/health"): "health",
+              ("POST", "/v1/completions"): "completions", ("GET", "/v1/models"): "models",
+              ("POST", "/v1/chat/completions"): "chat_completions"}
 
     # -- dispatch
     def do_GET(self):
@@ -363,14 +370,15 @@ class ScoringHandler(BaseHTTPRequestHandler):
         self._begin()
         with self.server.in_flight():  # a graceful stop waits until the answer is written
             try:
-                status, content_type, body, headers = getattr(self, self._route())()
+                answer = getattr(self, self._route())()
             except HTTPError as e:
                 self._reply_error(e)
                 return
             except Exception as e:  # noqa: BLE001 - answer 500 and keep serving
                 self._reply_error(internal_error(e))
                 return
-            self._reply(status, content_type, body, headers)
+            if answer is not None:  # None: the route has written its answer (a stream)
+                self._reply(*answer)
 
     def _begin(self) -> None:
         """Start the figures of this request's log line."""
@@ -387,7 +395,8 @@ class ScoringHandler(BaseHTTPRequestHandler):
         if allowed:
             raise HTTPError(405, f"{self.command} {path} is not allowed; use {' or '.join(allowed)} {path}",
                             headers={"Allow": ", ".join(allowed)})  # fmt: skip
-        raise HTTPError(404, f"no route {self.command} {path}; the routes are POST /score, GET / and GET /health")
+        raise HTTPError(404, f"no route {self.command} {path}; the routes are POST /score, GET /, GET /health, "
+                             "POST /v1/completions and GET /v1/models")
 
     # -- routes
     def liveness(self):
@@ -416,6 +425,67 @@ class ScoringHandler(BaseHTTPRequestHandler):
         if job.error is not None:
             raise job.error
         return 200, "application/json", json.dumps(job.texts, ensure_ascii=False).encode("utf-8"), {}
+
+    # -- OpenAI's API (gpt2np.completions holds its schema and answers)
+    def models(self):
+        return 200, "application/json", json.dumps(self.server.completions.models()).encode(), {}
+
+    def chat_completions(self):
+        raise HTTPError(404, NO_CHAT, code="chat_not_supported")
+
+    def completions(self):
+        api = self.server.completions
+        try:
+            request = api.parse(self._read_body())
+        except CompletionError as e:
+            raise HTTPError(e.status, e.message, param=e.param, code=e.code) from None
+        self._prompts = len(request.prompts) * request.n
+        parts = api.prompt_parts(request)
+        job = api.job(request)
+        if job is not None:
+            self.server.scheduler.submit(job)
+        if request.stream:
+            return self._stream(api.stream(request, job, parts))
+        if job is not None:
+            self._wait_for(job)
+            self._new_tokens = job.new_tokens
+            if job.error is not None:
+                raise job.error
+        answer = api.answer(request, job, parts)
+        return 200, "application/json", json.dumps(answer, ensure_ascii=False).encode("utf-8"), {}
+
+    def _stream(self, stream: CompletionStream) -> None:
+        """Write a completion as server-sent events while it decodes, then close the connection (the
+        end of the body). A client that leaves fails the job (its rows leave the batch); past
+        --timeout the stream ends with an error event."""
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        status, job, deadline = 200, stream.job, self._started + self.server.timeout_seconds
+        try:
+            self.wfile.write(stream.open())
+            with _Selector() as selector:
+                selector.register(self.connection, selectors.EVENT_READ)
+                while not stream.ended:
+                    stream.wait(DISCONNECT_POLL)
+                    self.wfile.write(stream.take())
+                    if stream.ended:
+                        break
+                    if time.monotonic() >= deadline and job.fail(HTTPError(504, "timeout")):
+                        status, limit = 504, self.server.timeout_seconds
+                        self.wfile.write(stream.fail(504, f"the request did not finish within {limit:g} s (--timeout)"))
+                    elif self._client_gone(selector):
+                        raise ConnectionResetError
+            self.wfile.write(stream.close())
+        except OSError:  # the client went away
+            status = CLIENT_CLOSED
+            if job is not None:
+                job.fail(HTTPError(CLIENT_CLOSED, "the client closed the connection"))
+        self._new_tokens = 0 if job is None else job.new_tokens
+        self._log_request(status, "the client closed the connection" if status == CLIENT_CLOSED else "")
 
     def _wait_for(self, job: Job) -> None:
         """Wait until the job has its outcome; fail it with a 504 after --timeout, or with a 499 as soon
@@ -478,7 +548,7 @@ class ScoringHandler(BaseHTTPRequestHandler):
         """A client that asks before sending its body (curl does for large ones) hears the 404, 405,
         411, 413 or 415 before sending it, instead of a 100 Continue."""
         try:
-            if self._route() == "score":
+            if self._route() in ("score", "completions"):
                 self._check_headers()
         except HTTPError as e:
             self._begin()
@@ -492,8 +562,10 @@ class ScoringHandler(BaseHTTPRequestHandler):
             self.close_connection = True
             self._log_request(error.status, error.detail or error.message)
             return
-        self._reply(error.status, "application/json", json.dumps({"error": error.message}).encode(), error.headers,
-                    detail=error.detail)  # fmt: skip
+        body = {"error": error.message}
+        if urlsplit(getattr(self, "path", "") or "").path.startswith("/v1/"):  # OpenAI's clients read their shape
+            body = error_body(error.status, error.message, error.param, error.code)
+        self._reply(error.status, "application/json", json.dumps(body).encode(), error.headers, detail=error.detail)
 
     def _reply(self, status: int, content_type: str, body: bytes, headers: dict[str, str], *, detail: str = "") -> None:
         if headers.get("Connection") == "close" or self._may_have_unread_body():

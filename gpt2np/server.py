@@ -12,6 +12,9 @@ is read too; gpt2np.request checks both, with the same messages as `gpt2np gener
 `GET /` answers 200 `Healthy` (the liveness route of the Azure inference server) and `GET /health`
 a JSON summary (model, queue depth, rows decoding).
 
+`POST /v1/completions` is OpenAI's completions API and `GET /v1/models` lists the served model;
+gpt2np.completions holds their schema and answers, and their requests join the same batch.
+
 Standard library only: a ThreadingHTTPServer parses and validates requests in one thread per
 connection and hands each accepted request (a `Job`) to the `Scheduler`, whose single worker
 thread owns the model. The worker decodes every prompt of every running job in one batch, one
@@ -642,7 +645,8 @@ def serve_until_signalled(server: ScoringServer) -> None:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
-        server.log(f"serving {server.model_name} on {server.url} (POST /score, GET /, GET /health)")
+        server.log(f"serving {server.model_name} on {server.url} (POST /score, GET /, GET /health, "
+                   "POST /v1/completions, GET /v1/models)")
         while not stop.wait(0.5):
             pass
         waiting, rows = server.scheduler.depth()

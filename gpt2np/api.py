@@ -177,7 +177,8 @@ class GPT2:
         each position (a `ScoredText`).
         The figures are gpt2np.evaluate's `score_tokens` (one pass, float64-accumulated log-softmax).
         The first token has nothing before it and is not scored."""
-        from .evaluate.scoring import score_ids  # the evaluation package is imported only when scoring
+        # The evaluation package is imported only when scoring.
+        from .evaluate.scoring import score_ids
 
         ids = self.tokenizer.encode(text, allowed_special="all") if isinstance(text, str) else _prompt_ids(text, 0)
         if len(ids) < 1:

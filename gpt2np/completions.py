@@ -119,7 +119,6 @@ def parse_completion(body: bytes, model, *, served: str, max_tokens_cap: int | N
     if not isinstance(data, dict):
         raise CompletionError(400, f"the request must be a JSON object like {EXAMPLE}, got {_shown(data)}")
     _check_keys(data, served)
-    prompts = _prompts(data.get("prompt"), model)
     max_tokens = _max_tokens(data, max_tokens_cap)
     n = _field(data, "n", _is_integer, "an integer", 1)
     if not 1 <= n <= MAX_N:
@@ -131,6 +130,7 @@ def parse_completion(body: bytes, model, *, served: str, max_tokens_cap: int | N
         options, adjust = _options(data, max_tokens), _adjustments(data)
     except OptionError as e:
         raise _bad("max_tokens" if e.field == "max_new_tokens" else e.field, e.rule) from None
+    prompts = _prompts(data.get("prompt"), model)  # tokenized last: a request refused for its fields costs little
     request = CompletionRequest(prompts, max_tokens, options, adjust, n, seed, stream, _include_usage(data, stream),
                                 logprobs, _field(data, "echo", lambda v: isinstance(v, bool), "true or false", False))
     _check_lengths(request, model)
@@ -329,6 +329,7 @@ class CompletionText(RowText):
                 name = token_text(self.tokenizer, token)
                 self.entries.append(Entry(name, lp.log_prob, _top(self.tokenizer, lp.top_ids, lp.top_log_probs, name,
                                                                   lp.log_prob), start))
+            job.changes += 1
             job.changed.notify_all()
         return stopped
 
@@ -370,6 +371,7 @@ class CompletionJob:
         self.done = threading.Event()
         self.error = None  # the server's HTTPError, if the job failed
         self.changed = threading.Condition()  # guards the rows' texts; notified at every change
+        self.changes = 0  # counted under `changed`, so a reader knows whether it has seen the last one
 
     @property
     def closed(self) -> bool:
@@ -389,6 +391,7 @@ class CompletionJob:
             self.n_unfinished -= 1
             if self.n_unfinished == 0:
                 self.done.set()
+            self.changes += 1
             self.changed.notify_all()
 
     def fail(self, error) -> bool:
@@ -398,6 +401,7 @@ class CompletionJob:
                 return False
             self.error = error
             self.done.set()
+            self.changes += 1
             self.changed.notify_all()
             return True
 
@@ -500,6 +504,7 @@ class CompletionStream:
         self.request, self.job, self.parts, self.answer = request, job, parts, answer
         self.ended = job is None
         self.failed = False
+        self._seen = 0  # the job's changes already taken
 
     def open(self) -> bytes:
         """The echoed prompts (and, with nothing to generate, each choice's end)."""
@@ -515,13 +520,15 @@ class CompletionStream:
         return out
 
     def wait(self, timeout: float) -> None:
+        """Until the job changes after the last `take` (at once if it already has), or `timeout` seconds."""
         with self.job.changed:
-            self.job.changed.wait(timeout)
+            self.job.changed.wait_for(lambda: self.job.changes != self._seen, timeout)
 
     def take(self) -> bytes:
         """Events for what the worker decided since the last call; `ended` once every choice has ended."""
         job, out = self.job, b""
         with job.changed:
+            self._seen = job.changes
             if job.error is not None:
                 self.ended = self.failed = True
                 return event(error_body(job.error.status, job.error.message))

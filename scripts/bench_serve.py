@@ -2,8 +2,10 @@
 
     python scripts/bench_serve.py                  # random weights in GPT-2 small's shape (124M)
     python scripts/bench_serve.py --model gpt2     # a real checkpoint (folder or hub id)
+    python scripts/bench_serve.py --api openai     # the same requests through POST /v1/completions
 
-Each request is one prompt, greedy, exactly --max-new-tokens new tokens (ignore_eos). The server
+Each request is one prompt, greedy, exactly --max-new-tokens new tokens (ignore_eos on /score; on
+/v1/completions, which has no such field, a logit_bias of -100 on <|endoftext|>). The server
 runs as a subprocess on a free loopback port; one warm-up request goes first. The ratio is
 (time of the N requests one by one) / (time of the N requests sent together). The greedy answers
 of both runs are compared: batching may only change float32 rounding.
@@ -78,6 +80,22 @@ def score(port: int, prompt: str, max_new_tokens: int) -> str:
     return answer[0]
 
 
+def complete(port: int, prompt: str, max_new_tokens: int, model: str) -> str:
+    """The same request as `score`, through OpenAI's completions API."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0,
+            "logit_bias": {"50256": -100}}  # never <|endoftext|>: every request makes max_new_tokens tokens
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        answer = json.loads(response.read())
+    finally:
+        connection.close()
+    if response.status != 200:
+        raise SystemExit(f"the server answered {response.status}: {answer}")
+    return answer["choices"][0]["text"]
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time of a process so far (Linux only; None elsewhere)."""
     try:
@@ -95,19 +113,26 @@ def measured(proc, run, *args) -> tuple[float, float | None, list[str]]:
     return seconds, None if cpu_before is None or cpu_after is None else cpu_after - cpu_before, texts
 
 
-def one_by_one(port, prompts, max_new_tokens) -> tuple[float, list[str]]:
+def _sender(api: str, port: int, model: str):
+    """send(prompt, max_new_tokens) -> text, through the chosen API."""
+    if api == "openai":
+        return lambda prompt, n: complete(port, prompt, n, model)
+    return lambda prompt, n: score(port, prompt, n)
+
+
+def one_by_one(send, prompts, max_new_tokens) -> tuple[float, list[str]]:
     start = time.perf_counter()
-    texts = [score(port, p, max_new_tokens) for p in prompts]
+    texts = [send(p, max_new_tokens) for p in prompts]
     return time.perf_counter() - start, texts
 
 
-def all_at_once(port, prompts, max_new_tokens) -> tuple[float, list[str]]:
+def all_at_once(send, prompts, max_new_tokens) -> tuple[float, list[str]]:
     texts: list[str | None] = [None] * len(prompts)
     barrier = threading.Barrier(len(prompts) + 1)
 
     def client(i):
         barrier.wait()
-        texts[i] = score(port, prompts[i], max_new_tokens)
+        texts[i] = send(prompts[i], max_new_tokens)
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -124,6 +149,8 @@ def main() -> int:
     parser.add_argument("--model", help="checkpoint folder or hub id (default: random weights in the 124M shape)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--api", choices=("score", "openai"), default="score",
+                        help="POST /score (the model card's) or POST /v1/completions (OpenAI's) (default: score)")
     args = parser.parse_args()
     if not 1 <= args.clients <= len(PROMPTS):
         parser.error(f"--clients must be in 1..{len(PROMPTS)}")
@@ -131,15 +158,17 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model or str(random_checkpoint(Path(tmp) / "gpt2-random"))
         proc, port = start_server(model, Path(tmp) / "server.log", max_batch_size=args.clients)
+        send = _sender(args.api, port, model)
         try:
-            score(port, "Warm up", args.max_new_tokens)
-            sequential, cpu_alone, texts_alone = measured(proc, one_by_one, port, prompts, args.max_new_tokens)
-            concurrent, cpu_together, texts_together = measured(proc, all_at_once, port, prompts, args.max_new_tokens)
+            send("Warm up", args.max_new_tokens)
+            sequential, cpu_alone, texts_alone = measured(proc, one_by_one, send, prompts, args.max_new_tokens)
+            concurrent, cpu_together, texts_together = measured(proc, all_at_once, send, prompts, args.max_new_tokens)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     tokens = args.clients * args.max_new_tokens
-    print(f"model: {args.model or 'random weights, GPT-2 small shape (124M)'}; {args.clients} requests of "
+    print(f"model: {args.model or 'random weights, GPT-2 small shape (124M)'}; API: {args.api}; "
+          f"{args.clients} requests of "
           f"{args.max_new_tokens} greedy tokens; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
           f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")  # fmt: skip
     for name, seconds, cpu in (("one by one: ", sequential, cpu_alone), ("all at once:", concurrent, cpu_together)):

@@ -195,6 +195,19 @@ def test_streamed_pieces_join_to_the_whole_answer(client, name):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
+def test_a_streamed_stop_string_is_never_sent(client, model, name):
+    """Text that a stop string could still remove is held back, so no piece has to be taken back."""
+    full = complete(model, "Hello world", do_sample=False, max_new_tokens=20).text
+    stop = full[8:14]
+    ask = dict(model=name, prompt="Hello world", max_tokens=20, temperature=0, stop=stop, logprobs=0)
+    whole = client.completions.create(**ask).choices[0]
+    chunks = list(client.completions.create(**ask, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == whole.text == full[: full.find(stop)]
+    assert chunks[-1].choices[0].finish_reason == whole.finish_reason == "stop"
+    assert sum((c.choices[0].logprobs.tokens for c in chunks), []) == whole.logprobs.tokens
+    assert all(o < len("Hello world") + len(whole.text) for o in whole.logprobs.text_offset)
+
+
 def test_streamed_echo_scoring(client, name):
     chunks = list(client.completions.create(model=name, prompt="Score me", max_tokens=0, echo=True, logprobs=2,
                                             stream=True))

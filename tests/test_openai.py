@@ -6,7 +6,6 @@ import json
 import re
 import socket
 import struct
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,19 +15,15 @@ from gpt2np.evaluate.scoring import score_tokens
 
 openai = pytest.importorskip("openai")
 
-from test_server import TINY, Server, checkpoint, one_blas_thread, wait_for  # noqa: E402
+from test_server import Server, checkpoint, one_blas_thread, wait_for  # noqa: E402
 
 LONG = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=1024)
 
 
 @pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory) -> Path:
-    return checkpoint(tmp_path_factory.mktemp("tiny"), TINY)
-
-
-@pytest.fixture(scope="module")
-def model(tiny_folder) -> GPT2:
-    return GPT2.from_pretrained(tiny_folder)
+def model(tiny_model) -> GPT2:
+    """The shared tiny checkpoint (tests/conftest.py), loaded as the server loads it."""
+    return tiny_model
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,14 @@ join; `choose()` picks one token for every live row from its logits; the caller 
 rows (a stop string, a client gone); `forward()` drops the rows that are done and feeds the others
 their token, one [B, 1] pass. A row ends at EOS, at its `max_new_tokens`, or when finished.
 
+Chunked prefill: an Engine made with `prefill_chunk=N` prefills prompts that would take more than
+N tokens in one pass a chunk of at most N tokens per `forward()`, after that step's decoding pass,
+so a long prompt delays the rows already decoding by one chunk per step instead of by its whole
+prefill (and the prefill's scores stay chunk x S instead of L x L). Such rows are `prefilling`
+until their last chunk has run; then they join the batch, their first logits ready for `choose`.
+Each chunk writes its keys and values at its columns of the rows' own cache, so the result is the
+one-pass prefill up to float rounding.
+
 The cache layout: one buffer [n_layer, 2, B, H, S, D] holds every layer's keys and values for B
 rows over S columns. Rows are right-aligned: every row's next token is written to the same column,
 `end`, so one step is one pass over [B, 1] tokens. A row with a shorter history has padding
@@ -205,8 +213,10 @@ class Engine:
     `forward` one step; `rows` is empty when every row is done.
     """
 
-    def __init__(self, model):
+    def __init__(self, model, *, prefill_chunk: int | None = None):
         self.model = model
+        self.prefill_chunk = prefill_chunk  # tokens prefilled per step; None: every prompt in one pass
+        self.prefilling: list[_Prefill] = []  # rows whose prompts are prefilled a chunk per step
         self.eos = model.config.eos_token_id
         # Ids the model may have (a padded vocabulary) but the tokenizer cannot decode are never chosen.
         self.n_choosable = min(model.config.vocab_size, model.tokenizer.n_vocab)
@@ -239,11 +249,25 @@ class Engine:
         if bad:
             raise ValueError(f"logit_bias token ids must be in [0, {config.vocab_size}), got {bad[0]}")
 
+    @property
+    def waiting(self) -> list[Row]:
+        """Rows still being prefilled a chunk per step: not yet in `rows`."""
+        return [row for p in self.prefilling for row in p.rows]
+
+    @property
+    def busy(self) -> bool:
+        """Whether a `choose` + `forward` step has anything to do."""
+        return bool(self.rows or self.prefilling)
+
     def add(self, rows: Sequence[Row]) -> None:
         """Prefill the prompts of `rows` in one left-padded pass and let them join the batch; their
-        logits for their first new token are ready for the next `choose`."""
+        logits for their first new token are ready for the next `choose`. With `prefill_chunk`, rows
+        whose pass would exceed it are prefilled over the next `forward` calls instead."""
         for row in rows:
             self.check(row)
+        if self.prefill_chunk is not None and len(rows) * max(len(r.ids) for r in rows) > self.prefill_chunk:
+            self.prefilling.append(_Prefill(self.model, list(rows)))
+            return
         if self.state is None:  # the rows are the whole batch: prefill straight into its buffer
             self.state = self._prefill(list(rows), room=_room(rows, pending=False))
             self.end = self.state.valid.shape[1] - _room(rows, pending=False)
@@ -269,7 +293,24 @@ class Engine:
 
     def forward(self) -> None:
         """Drop the rows that are done; feed every other row the token it chose: one decoding step,
-        which refreshes every row's logits."""
+        which refreshes every row's logits. Then one chunk of the oldest prompts being prefilled."""
+        if self.state is not None:
+            self._decode()
+        if self.prefilling:
+            self._prefill_chunk()
+
+    def _prefill_chunk(self) -> None:
+        """Run the next chunk of the oldest rows being prefilled; once their prompts are all in, they
+        join the batch with room for their tokens to come."""
+        part = self.prefilling[0].run(self.model, self.prefill_chunk)
+        if part is None:
+            return
+        self.prefilling.pop(0)
+        parts = [part] if self.state is None else [self._used(range(len(self.rows))), part]
+        self._lay_out(parts, pending=False)
+
+    def _decode(self) -> None:
+        """The decoding pass of `forward`."""
         keep = [i for i, row in enumerate(self.rows) if not row.done]
         if len(keep) < len(self.rows):
             if not keep:
@@ -330,6 +371,31 @@ class Engine:
         logits = np.concatenate([p.logits for p in parts])
         self.state = _Part(rows, cache, np.arange(len(rows)), valid, positions, logits)
         self.end = width
+
+
+class _Prefill:
+    """Rows whose prompts go through the model a chunk at a time: the left-padded ids, their own cache
+    (as wide as the longest prompt), and how many columns are done."""
+
+    def __init__(self, model, rows: list[Row]):
+        self.rows = rows
+        self.ids, self.valid, self.positions = left_pad([r.ids for r in rows])  # [b, L] each
+        self.cache = new_cache(model.config, len(rows), self.ids.shape[1])
+        self.done = 0
+
+    def run(self, model, budget: int) -> _Part | None:
+        """Prefill the next columns, at most `budget` tokens over all rows (one column at least); the
+        finished part once the last column is in, else None."""
+        b, L = self.ids.shape
+        s, e = self.done, min(L, self.done + max(1, budget // b))
+        mask = causal_mask(self.valid[:, :e], s, e - s)
+        x = gpt2(self.ids[:, s:e], self.positions[:, s:e], model.params, model.config, mask=mask,
+                 kv_cache=self.cache, start=s)
+        self.done = e
+        if e < L:
+            return None
+        logits = lm_head(x[:, -1], model.lm_head_weight)  # [b, V]
+        return _Part(self.rows, self.cache, np.arange(b), self.valid, self.positions[:, -1] + 1, logits)
 
 
 def _room(rows: Sequence[Row], *, pending: bool) -> int:

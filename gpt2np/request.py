@@ -161,7 +161,19 @@ def check_prompts(prompts, *, field: str, holder: str) -> list[str]:
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise RequestError(f"{field}[{i}] must be a string, got {_json(prompt)}")
+        _reject_lone_surrogate(prompt, f"{field}[{i}]")
     return list(prompts)
+
+
+def _reject_lone_surrogate(text: str, field: str) -> None:
+    """JSON's \\u escapes can spell half of a UTF-16 pair alone ("\\udcff"), which is no character:
+    such a prompt could be generated from but its answer could not be written as UTF-8."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        code = ord(text[e.start])
+        raise RequestError(f"{field} holds a lone surrogate \\u{code:04x} at character {e.start}, which is not a "
+                           "character; send valid Unicode") from None
 
 
 def check_params(params, *, field: str = "params", defaults: Mapping | None = None):

@@ -302,6 +302,9 @@ class Engine:
     def _prefill_chunk(self) -> None:
         """Run the next chunk of the oldest rows being prefilled; once their prompts are all in, they
         join the batch with room for their tokens to come."""
+        self.prefilling = [p for p in self.prefilling if not all(row.done for row in p.rows)]  # finished meanwhile
+        if not self.prefilling:
+            return
         part = self.prefilling[0].run(self.model, self.prefill_chunk)
         if part is None:
             return

@@ -40,18 +40,25 @@ client left is logged with status 499, nginx's "client closed request"; no clien
 from __future__ import annotations
 
 import argparse
+import errno
+import io
 import json
+import os
 import selectors
 import signal
 import socket
 import sys
 import threading
 import time
-from collections import deque
+import warnings
+from collections import Counter, deque
 from contextlib import contextmanager
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
+
+import numpy as np
 
 from .completions import NO_CHAT, CompletionError, CompletionsAPI, CompletionStream, error_body
 from .console import (
@@ -79,6 +86,14 @@ DEFAULT_MAX_BATCH_SIZE = 16  # prompts (rows) decoded together
 DEFAULT_MAX_QUEUE = 64  # requests waiting for a place in the batch
 DEFAULT_TIMEOUT = 300.0  # seconds from arrival to answer
 DEFAULT_MAX_BODY_BYTES = 1_000_000
+DEFAULT_MAX_PROMPTS = 256  # prompts in one request
+DEFAULT_PREFILL_CHUNK = 128  # prompt tokens prefilled per decoding step
+DEFAULT_READ_TIMEOUT = 30.0  # seconds to receive a whole request (request line, headers, body), or idle
+DEFAULT_MAX_CONNECTIONS = 256  # open connections; more get 503 at once
+WRITE_TIMEOUT = 30.0  # seconds a client may stall while its answer is written
+LINGER_SECONDS = 2.0  # after an error answered before its body was read: time spent discarding the body
+LINGER_BYTES = 16 << 20  # ... and at most this much of it
+ACCEPT_BACKOFF = 0.1  # seconds the accept loop sleeps when the process is out of file descriptors
 DISCONNECT_POLL = 0.2  # seconds between two checks that a waiting client is still connected
 CLIENT_CLOSED = 499  # the log's status for a request whose client left (nginx's convention)
 
@@ -110,6 +125,27 @@ def check_lengths(request: Request, ids: list[list[int]], n_ctx: int, cap: int |
         raise HTTPError(400, str(e)) from None
 
 
+def check_size(request: Request, n_ctx: int, max_token_bytes: int, max_prompts: int) -> None:
+    """What can be refused before tokenizing, which costs seconds for a 300 KB word: too many prompts,
+    or a prompt with more UTF-8 bytes than the context can hold (a token is at most `max_token_bytes`
+    bytes, so a prompt of b bytes is at least b / max_token_bytes tokens). The finer rule, with
+    max_new_tokens, needs the tokens: `check_lengths`."""
+    if len(request.prompts) > max_prompts:
+        raise HTTPError(400, f"{request.prompts_field} has {len(request.prompts)} prompts; this server takes at most "
+                             f"{max_prompts} per request (its --max-prompts): split them over several requests")
+    for i, prompt in enumerate(request.prompts):
+        size = len(prompt.encode("utf-8"))
+        if size > (n_ctx - 1) * max_token_bytes:  # more than n_ctx - 1 tokens: no room to generate
+            raise HTTPError(400, f"{request.prompt_field(i)} is {size} bytes, at least {-(-size // max_token_bytes)} "
+                                 f"tokens, more than the model's {n_ctx}-token context holds; shorten it to at "
+                                 f"most {n_ctx - 1} tokens")
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """The most UTF-8 bytes one token stands for (128 in GPT-2's vocabulary)."""
+    return max(len(tokenizer.decode_single_token_bytes(i)) for i in range(tokenizer.n_vocab))
+
+
 # ---------------------------------------------------------------------------------------- jobs
 class JobRow(Row):
     """One prompt of a job while it decodes: an engine row that knows its job and its text so far."""
@@ -134,6 +170,7 @@ class Job:
         rngs = row_generators(seed, len(prompts))
         self.rows = [JobRow(self, p, options, rng, model.tokenizer, model.config.vocab_size) for p, rng in zip(ids, rngs)]
         self.n_admitted = 0  # rows handed to the batch so far
+        self.shared = False  # whether another job's rows ran in a pass with this job's (X-Shared-Batch)
         self.n_unfinished = len(self.rows)
         self.done = threading.Event()
         self.texts: list[str] | None = None
@@ -177,18 +214,32 @@ def internal_error(e: BaseException) -> HTTPError:
     return HTTPError(500, f"internal error ({type(e).__name__}); the server log has the details", detail=detail)
 
 
+def mark_shared(jobs: set[Job]) -> None:
+    """Jobs whose rows run in one pass may round differently than alone (see the module's docstring)."""
+    if len(jobs) > 1:
+        for job in jobs:
+            job.shared = True
+
+
 # ---------------------------------------------------------------------------------------- batching
 class Scheduler:
     """Owns the model: one worker thread decodes every accepted job in one batch.
 
-    At each step the worker admits waiting jobs, first come first served, while the batch has room
-    for their rows (a job larger than the batch joins a few rows at a time), then chooses one
-    token for every row and feeds the tokens back in one forward pass.
+    At each step the worker admits rows of waiting jobs while the batch has room, one row at a time
+    to the job with the fewest rows in the batch (the oldest first on ties), and no job more than
+    `job_rows` rows, so that a request with many prompts leaves room for the next ones instead of
+    holding the batch until its last prompt is done. Then it chooses one token for every row and
+    feeds the tokens back in one forward pass; long prompts are prefilled a chunk per step
+    (`prefill_chunk`, see gpt2np.engine), so they delay the rows decoding by a chunk, not by
+    their whole prefill.
     """
 
-    def __init__(self, model, *, max_batch_size: int, max_queue: int):
+    def __init__(self, model, *, max_batch_size: int, max_queue: int,
+                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
         self.model, self.max_batch_size, self.max_queue = model, max_batch_size, max_queue
-        self.engine = Engine(model)
+        self.job_rows = max_batch_size - max_batch_size // 4  # the most rows one job may hold in the batch
+        self.prefill_chunk = prefill_chunk
+        self.engine = Engine(model, prefill_chunk=prefill_chunk)
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -225,42 +276,56 @@ class Scheduler:
     def depth(self) -> tuple[int, int]:
         """(requests waiting, prompt rows decoding)."""
         with self._cond:
-            return sum(not job.closed for job in self._waiting), len(self.engine.rows)
+            return sum(not job.closed for job in self._waiting), len(self.engine.rows) + len(self.engine.waiting)
 
     def _run(self) -> None:
-        while (groups := self._admit()) is not None:
-            self._join(groups)
-            if not self.engine.rows:
-                continue
-            try:
-                self.step()
-            except Exception as e:  # noqa: BLE001 - cannot tell whose row failed: all of them
-                for job in {row.job for row in self.engine.rows}:
-                    job.fail(internal_error(e))
-                self.engine = Engine(self.model)
+        """The worker: NumPy's floating-point warnings are off here (overflows in the sampler are
+        taken in the limit), so that none reaches the log as multi-line noise."""
+        with np.errstate(all="ignore"):
+            while (groups := self._admit()) is not None:
+                self._join(groups)
+                if self.engine.busy:
+                    self._step_or_fail()
+
+    def _step_or_fail(self) -> None:
+        try:
+            self.step()
+        except Exception as e:  # noqa: BLE001 - cannot tell whose row failed: all of them
+            for job in {row.job for row in self.engine.rows + self.engine.waiting}:
+                job.fail(internal_error(e))
+            self.engine = Engine(self.model, prefill_chunk=self.prefill_chunk)
 
     def _admit(self) -> list[list[JobRow]] | None:
         """Rows of waiting jobs that fit in the batch, grouped by job; blocks while there is nothing
         to do, and gives None once closing with nothing left."""
         with self._cond:
-            while not self._waiting and not self.engine.rows:
+            while not self._waiting and not self.engine.busy:
                 if self._closing:
                     return None
                 self._cond.wait()
-            groups = []
-            room = self.max_batch_size - len(self.engine.rows)
-            while self._waiting and room > 0:
-                job = self._waiting[0]
-                if job.closed:  # timed out while waiting
-                    self._waiting.popleft()
-                    continue
-                rows = job.rows[job.n_admitted : job.n_admitted + room]
-                job.n_admitted += len(rows)
-                room -= len(rows)
-                if job.n_admitted == len(job.rows):
-                    self._waiting.popleft()
-                groups.append(rows)
-            return groups
+            self._waiting = deque(job for job in self._waiting if not job.closed)  # timed out while waiting
+            held = Counter(row.job for row in self.engine.rows + self.engine.waiting if not row.done)
+            picked: Counter[Job] = Counter()
+            for _ in range(self.max_batch_size - sum(held.values())):
+                job = self._next_job(held, picked)
+                if job is None:
+                    break
+                held[job] += 1
+                picked[job] += 1
+            return [self._take_rows(job, n) for job, n in picked.items()]
+
+    def _next_job(self, held: Counter, picked: Counter) -> Job | None:
+        """The waiting job that gets the next free row: of those with rows left and fewer than
+        `job_rows` in the batch, the one with the fewest there, the oldest on ties."""
+        candidates = (job for job in self._waiting if job.n_admitted + picked[job] < len(job.rows))
+        return min((job for job in candidates if held[job] < self.job_rows), key=lambda job: held[job], default=None)
+
+    def _take_rows(self, job: Job, n: int) -> list[JobRow]:
+        rows = job.rows[job.n_admitted : job.n_admitted + n]
+        job.n_admitted += n
+        if job.n_admitted == len(job.rows):
+            self._waiting.remove(job)
+        return rows
 
     def _join(self, groups: list[list[JobRow]]) -> None:
         """Prefill newly admitted rows and add them to the batch: all in one pass (the weights are read
@@ -271,6 +336,7 @@ class Scheduler:
         if len(groups) > 1 and len(rows) * max(lengths) <= 2 * sum(lengths):
             try:
                 self.engine.add(rows)
+                mark_shared({row.job for row in rows})
                 return
             except Exception:  # noqa: BLE001, S110 - retried job by job below
                 pass
@@ -284,9 +350,10 @@ class Scheduler:
         """One token for every row of the batch: choose, settle the rows that finished (their job
         answers once all its rows have), feed the rest. Called by the worker thread only."""
         engine = self.engine
-        for row in engine.rows:
+        for row in engine.rows + engine.waiting:
             if row.job.closed:  # failed or timed out: its rows leave the batch
                 row.finish()
+        mark_shared({row.job for row in engine.rows if not row.done})
         for row, token in engine.choose():
             if row.text.add(token):  # a stop string
                 row.finish()
@@ -298,8 +365,48 @@ class Scheduler:
 
 
 # ---------------------------------------------------------------------------------------- HTTP
+@dataclass(frozen=True)
+class Limits:
+    """The limits added to the server's first ones (flags of the same names)."""
+
+    max_prompts: int = DEFAULT_MAX_PROMPTS
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+
+
 # poll(2) where there is one (no limit on descriptor numbers, unlike select(2)), as socketserver does.
 _Selector = selectors.PollSelector if hasattr(selectors, "PollSelector") else selectors.SelectSelector
+
+
+class DeadlineReader(io.RawIOBase):
+    """A connection's socket as a raw stream whose reads all end by the handler's `read_deadline`:
+    http.server's own timeout bounds each recv, so a client sending a byte a second never timed out."""
+
+    def __init__(self, sock: socket.socket, handler: ScoringHandler):
+        self._sock, self._handler = sock, handler
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        remaining = self._handler.read_deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("the request was not received in time")
+        self._sock.settimeout(remaining)
+        return self._sock.recv_into(buffer)
+
+
+def printable(text: str) -> str:
+    """`text` with control characters (C0, DEL, C1) as \\xNN: a request path must not move the cursor
+    or recolour the terminal that shows the log, nor split a log line in two."""
+    return "".join(f"\\x{ord(c):02x}" if ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 else c for c in text)
+
+
+def public_name(model: str) -> str:
+    """The model's name as /health shows it: a hub id as given, a local folder by its last component
+    only (its path says how the host's disk is laid out, which is no client's business)."""
+    return os.path.basename(os.path.normpath(model)) if os.path.exists(model) else model
 
 
 class ScoringServer(ThreadingHTTPServer):
@@ -308,17 +415,25 @@ class ScoringServer(ThreadingHTTPServer):
     daemon_threads = True  # an idle keep-alive connection does not hold the process at exit
     request_queue_size = 128  # connections waiting to be accepted (socketserver's default is 5)
 
-    def __init__(self, address, model, *, model_name: str, max_batch_size=DEFAULT_MAX_BATCH_SIZE,
+    def __init__(self, address, model, *, model_name: str, limits: Limits | None = None,
+                 max_batch_size=DEFAULT_MAX_BATCH_SIZE,
                  max_queue=DEFAULT_MAX_QUEUE, timeout=DEFAULT_TIMEOUT, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
                  max_new_tokens_cap: int | None = None, log=sys.stderr):  # fmt: skip
+        limits = limits or Limits()
         super().__init__(address, ScoringHandler)
         self.model, self.model_name = model, model_name
         self.timeout_seconds, self.max_body_bytes, self.max_new_tokens_cap = timeout, max_body_bytes, max_new_tokens_cap
-        self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue)
+        self.max_prompts, self.read_timeout = limits.max_prompts, limits.read_timeout
+        self.max_connections = limits.max_connections
+        self.max_token_bytes = longest_token_bytes(model.tokenizer)
+        self.tokenizing = threading.Lock()  # one handler tokenizes at a time: the worker shares the GIL with one
+        self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue,
+                                   prefill_chunk=limits.prefill_chunk)
         self.scheduler.start()
         self.completions = CompletionsAPI(model, model_name, max_tokens_cap=max_new_tokens_cap)
         self._log, self._log_lock = log, threading.Lock()
         self._inflight, self._idle = 0, threading.Condition()
+        self._connections, self._connections_lock = 0, threading.Lock()
 
     @property
     def url(self) -> str:
@@ -327,7 +442,54 @@ class ScoringServer(ThreadingHTTPServer):
 
     def log(self, line: str) -> None:
         with self._log_lock:
-            print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {line}", file=self._log, flush=True)
+            print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {printable(line)}", file=self._log, flush=True)
+
+    def log_warnings(self) -> None:
+        """Python warnings (from NumPy or elsewhere) become one log line each instead of a multi-line
+        message on stderr."""
+        def show(message, category, filename, lineno, file=None, line=None):
+            self.log(f"warning: {category.__name__}: {message} ({os.path.basename(filename)}:{lineno})")
+
+        warnings.showwarning = show
+
+    # -- connections
+    def get_request(self):
+        """accept(), pausing ACCEPT_BACKOFF seconds when the process is out of file descriptors: the
+        listening socket stays readable, and socketserver's loop would retry at once, spinning a core."""
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                time.sleep(ACCEPT_BACKOFF)
+            raise
+
+    def process_request(self, request, client_address):
+        """Serve the connection in its own thread, or answer 503 and close it at once when
+        --max-connections are already open."""
+        with self._connections_lock:
+            full = self._connections >= self.max_connections
+            self._connections += not full
+        if not full:
+            super().process_request(request, client_address)
+            return
+        body = json.dumps({"error": f"too many open connections (this server's --max-connections is "
+                                    f"{self.max_connections}); retry shortly"}).encode()
+        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+                "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+        try:
+            request.settimeout(1.0)
+            request.sendall(head.encode() + body)
+        except OSError:
+            pass
+        self.log(f"{client_address[0]} - - 503 prompts=0 new_tokens=0 0.000s error=too many open connections")
+        self.shutdown_request(request)
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._connections_lock:
+                self._connections -= 1
 
     @contextmanager
     def in_flight(self):
@@ -357,11 +519,31 @@ class ScoringHandler(BaseHTTPRequestHandler):
     server: ScoringServer
     protocol_version = "HTTP/1.1"  # keep-alive
     server_version = "gpt2np"
-    timeout = 30  # seconds a client may stall while sending a request
+    timeout = WRITE_TIMEOUT  # reads end by `read_deadline` instead (DeadlineReader)
 
     ROUTES = {("POST", "/score"): "score", ("GET", "/"): "liveness", ("GET", "/health"): "health",
               ("POST", "/v1/completions"): "completions", ("GET", "/v1/models"): "models",
-              ("POST", "/v1/chat/completions"): "chat_completions"}
+              ("POST", "/v1/chat/completions"): "chat_completions",
+              ("HEAD", "/"): "liveness", ("HEAD", "/health"): "health"}
+
+    def version_string(self) -> str:
+        """The Server header: gpt2np, without http.server's Python version."""
+        return self.server_version
+
+    def setup(self) -> None:
+        """Read through a DeadlineReader: one deadline for the whole of each request."""
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(DeadlineReader(self.connection, self))
+        self.read_deadline = time.monotonic() + self.server.read_timeout
+        self._probed = False
+
+    def handle_one_request(self) -> None:
+        """One request: its request line, headers and body must arrive within --read-timeout of the
+        moment the server starts waiting for it (an idle keep-alive connection is closed then too)."""
+        self.read_deadline = time.monotonic() + self.server.read_timeout
+        self._probed = False
+        super().handle_one_request()
 
     # -- dispatch
     def do_GET(self):
@@ -419,7 +601,9 @@ class ScoringHandler(BaseHTTPRequestHandler):
             raise HTTPError(400, str(e)) from None
         model, prompts = self.server.model, request.prompts
         self._prompts = len(prompts)
-        ids = prepare_prompts(model.tokenizer, prompts, bos=model.config.bos_token_id)
+        check_size(request, model.config.n_ctx, self.server.max_token_bytes, self.server.max_prompts)
+        with self.server.tokenizing:
+            ids = prepare_prompts(model.tokenizer, prompts, bos=model.config.bos_token_id)
         check_lengths(request, ids, model.config.n_ctx, self.server.max_new_tokens_cap)
         job = Job(prompts, ids, request.options, request.seed, request.return_full_text, model)
         self.server.scheduler.submit(job)
@@ -427,7 +611,8 @@ class ScoringHandler(BaseHTTPRequestHandler):
         self._new_tokens = job.new_tokens
         if job.error is not None:
             raise job.error
-        return 200, "application/json", json.dumps(job.texts, ensure_ascii=False).encode("utf-8"), {}
+        shared = {"X-Shared-Batch": "true" if job.shared else "false"}
+        return 200, "application/json", json.dumps(job.texts, ensure_ascii=False).encode("utf-8"), shared
 
     # -- OpenAI's API (gpt2np.completions holds its schema and answers)
     def models(self):
@@ -510,13 +695,37 @@ class ScoringHandler(BaseHTTPRequestHandler):
         if not selector.select(0):
             return False
         try:
-            return self.connection.recv(1, socket.MSG_PEEK) == b""
+            if self.connection.recv(1, socket.MSG_PEEK) != b"":
+                return False
         except OSError:  # ConnectionResetError and the like
             return True
+        return not self._may_be_half_closed()
+
+    def _may_be_half_closed(self) -> bool:
+        """At the end of the client's stream: a client that closed its socket, or one that only shut
+        down its sending side and still waits for the answer. TCP cannot tell them apart until
+        something is written, so an HTTP/1.1 client is sent an interim `100 Continue` (which every
+        HTTP/1.1 client must skip): a closed socket answers it with a reset, which the next check
+        sees (as a pending socket error: reading at the end of the stream does not report it); a
+        half-closed one reads it later, before its answer. HTTP/1.0 has no interim answers: its client
+        is taken at its word and waited for."""
+        if self._probed:
+            return self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
+        if self.request_version != "HTTP/1.1":
+            return True
+        self._probed = True
+        try:
+            self.connection.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        except OSError:
+            return False
+        return True
 
     # -- request body
     def _check_headers(self) -> int:
         """Content-Type and Content-Length of a /score request (before reading the body): its length."""
+        if len({value.strip() for value in self.headers.get_all("Content-Length", [])}) > 1:
+            raise HTTPError(400, "the request has Content-Length headers that disagree; send one",
+                            headers={"Connection": "close"})
         content_type = self.headers.get("Content-Type")
         if content_type is None or self.headers.get_content_type() != "application/json":
             raise HTTPError(415, f"Content-Type must be application/json, got {content_type or 'none'}; "
@@ -525,7 +734,9 @@ class ScoringHandler(BaseHTTPRequestHandler):
             raise HTTPError(415, "JSON bodies must be UTF-8; send Content-Type: application/json without another charset")
         if "Transfer-Encoding" in self.headers:
             raise HTTPError(411, "chunked bodies are not supported; send a Content-Length")
-        text = self.headers.get("Content-Length", "0")
+        if "Content-Length" not in self.headers:
+            raise HTTPError(411, "the request has no Content-Length; send the body's size in bytes as Content-Length")
+        text = self.headers["Content-Length"]
         if not (text.strip().isascii() and text.strip().isdigit()):
             raise HTTPError(400, f"Content-Length must be a non-negative integer, got {text!r}")
         length = int(text)
@@ -535,12 +746,19 @@ class ScoringHandler(BaseHTTPRequestHandler):
         return length
 
     def _read_body(self) -> bytes:
+        """The body, which must arrive by the request's read deadline (else 408). A UTF-8 byte order
+        mark at its start is dropped: JSON senders must not write one, but some do (RFC 8259 lets
+        readers ignore it)."""
         length = self._check_headers()
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            raise HTTPError(408, f"the request was not received within {self.server.read_timeout:g} s (this server's "
+                                 "--read-timeout); send the whole request at once", headers={"Connection": "close"})
         if len(body) < length:
             raise HTTPError(400, f"the body ended after {len(body)} of the {length} bytes its Content-Length announced")
         self._body_read = True
-        return body
+        return body.removeprefix(b"\xef\xbb\xbf")
 
     def _may_have_unread_body(self) -> bool:
         if getattr(self, "_body_read", False) or getattr(self, "headers", None) is None:
@@ -571,9 +789,11 @@ class ScoringHandler(BaseHTTPRequestHandler):
         self._reply(error.status, "application/json", json.dumps(body).encode(), error.headers, detail=error.detail)
 
     def _reply(self, status: int, content_type: str, body: bytes, headers: dict[str, str], *, detail: str = "") -> None:
-        if headers.get("Connection") == "close" or self._may_have_unread_body():
+        unread = self._may_have_unread_body()
+        if headers.get("Connection") == "close" or unread:
             self.close_connection = True  # an unread body would be taken for the next request
         try:
+            self.connection.settimeout(WRITE_TIMEOUT)
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(len(body)))
@@ -588,6 +808,26 @@ class ScoringHandler(BaseHTTPRequestHandler):
         except OSError:  # the client went away; the log still says what it was sent
             self.close_connection = True
         self._log_request(status, detail)
+        if unread and status != 408:  # a client stalled mid-body would only make us wait
+            self._discard_unread_body()
+
+    def _discard_unread_body(self) -> None:
+        """Close as nginx's lingering close does: stop sending, then read and drop what the client still
+        sends (at most LINGER_BYTES, for LINGER_SECONDS). Closing with its body unread would reset the
+        connection, and a client still writing that body (urllib, http.client) would see a broken pipe
+        instead of the 413 waiting for it."""
+        try:
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+            deadline, left = time.monotonic() + LINGER_SECONDS, LINGER_BYTES
+            while left > 0 and (remaining := deadline - time.monotonic()) > 0:
+                self.connection.settimeout(remaining)
+                chunk = self.connection.recv(min(65536, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
 
     def _log_request(self, status: int, detail: str = "") -> None:
         seconds = time.monotonic() - getattr(self, "_started", time.monotonic())
@@ -630,6 +870,17 @@ def build_parser(prog: str = "gpt2np serve") -> argparse.ArgumentParser:
                         help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
     parser.add_argument("--max-new-tokens-cap", type=positive_int, default=None,
                         help="largest max_new_tokens a request may ask (default: context minus prompt)")
+    parser.add_argument("--max-prompts", type=positive_int, default=DEFAULT_MAX_PROMPTS,
+                        help=f"prompts one request may hold; more get 400 (default: {DEFAULT_MAX_PROMPTS})")
+    parser.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK,
+                        help="prompt tokens prefilled per decoding step, so that long prompts do not stall the "
+                        f"others (default: {DEFAULT_PREFILL_CHUNK})")
+    parser.add_argument("--read-timeout", type=positive_float, default=DEFAULT_READ_TIMEOUT,
+                        help="seconds a client has to send a whole request, or may stay idle between two; a "
+                        f"body not received by then gets 408 (default: {DEFAULT_READ_TIMEOUT:g})")
+    parser.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
+                        help="open connections; more get 503 at once (default: "
+                        f"{DEFAULT_MAX_CONNECTIONS}, and at most the file descriptor limit minus 64)")
     add_debug_argument(parser)
     return parser
 
@@ -669,15 +920,31 @@ def serve(argv: list[str], *, prog: str) -> int:
     """Load the model, listen, and serve until SIGTERM or SIGINT."""
     args = build_parser(prog).parse_args(argv)
     model = load_model(args.model, revision="main", cache_dir=None, progress=True)
+    limits = Limits(max_prompts=args.max_prompts, prefill_chunk=args.prefill_chunk, read_timeout=args.read_timeout,
+                    max_connections=connection_cap(args.max_connections))
     try:
-        server = ScoringServer((args.host, args.port), model, model_name=args.model, max_batch_size=args.max_batch_size,
+        server = ScoringServer((args.host, args.port), model, model_name=public_name(args.model), limits=limits,
+                               max_batch_size=args.max_batch_size,
                                max_queue=args.max_queue, timeout=args.timeout, max_body_bytes=args.max_body_bytes,
                                max_new_tokens_cap=args.max_new_tokens_cap)  # fmt: skip
     except OSError as e:
         message = f"cannot listen on {args.host}:{args.port}: {one_line(e)}; choose another --port"
         return fail(prog, message, EXIT_FAILURE)
+    server.log_warnings()
     serve_until_signalled(server)
     return EXIT_OK
+
+
+def connection_cap(wanted: int) -> int:
+    """--max-connections, lowered to leave 64 file descriptors (the model's files, the log, the
+    listening socket) under the process's limit: past it, accept() fails and clients wait unanswered."""
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    except (ImportError, ValueError, OSError):
+        return wanted
+    return wanted if soft == resource.RLIM_INFINITY else max(1, min(wanted, soft - 64))
 
 
 if __name__ == "__main__":

@@ -128,7 +128,8 @@ def read_response(reader) -> tuple[int, dict[str, str], bytes]:
     while (line := reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.decode("latin-1").partition(":")
         headers[name.strip()] = value.strip()
-    return int(status_line.split()[1]), headers, reader.read(int(headers["Content-Length"]))
+    status = int(status_line.split()[1])
+    return status, headers, b"" if status < 200 else reader.read(int(headers["Content-Length"]))
 
 
 def wait_for(predicate, timeout=30.0, what="the condition"):
@@ -170,7 +171,19 @@ def test_liveness_and_health(server, tiny_folder):
     status, headers, body = server.request("GET", "/")
     assert (status, body) == (200, b"Healthy")
     health = server.health()
-    assert health["model"] == str(tiny_folder) and health["queue_depth"] == 0 and health["status"] == "ok"
+    assert health["queue_depth"] == 0 and health["status"] == "ok"
+
+
+def test_health_shows_no_local_path_and_server_no_python_version(server, tiny_folder):
+    status, headers, body = server.request("GET", "/health")
+    assert json.loads(body)["model"] == tiny_folder.name and str(tiny_folder.parent) not in body.decode()
+    assert headers["Server"] == "gpt2np"
+
+
+@pytest.mark.parametrize("path", ["/", "/health"])
+def test_head_is_answered_like_get(server, path):
+    status, headers, body = server.request("HEAD", path)
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
 
 
 def test_model_card_request(server, model):
@@ -621,3 +634,343 @@ def test_graceful_stop_after_a_client_left(long_model):
         stopper.join(timeout=30)
     assert not stopper.is_alive(), "the graceful stop is still waiting"
     assert server._inflight == 0 and log.getvalue().count(" 499 ") == 1
+
+
+# ---------------------------------------------------------------------------------------- hostile clients
+def raw_exchange(port: int, data: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes and read until the server closes the connection (or `timeout`)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        return sock.makefile("rb").read()
+
+
+def test_utf8_byte_order_mark_is_accepted(server, model):
+    body = {"input_data": ["Hello"], "params": {"do_sample": False, "max_new_tokens": 3}}
+    status, _, answer = server.request("POST", "/score", b"\xef\xbb\xbf" + json.dumps(body).encode(), JSON)
+    with one_blas_thread():
+        assert (status, json.loads(answer)) == (200, model.generate(["Hello"], **body["params"]))
+
+
+def test_post_without_content_length_is_411(server):
+    head = b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n"
+    answer = raw_exchange(server.port, head)
+    assert answer.startswith(b"HTTP/1.1 411 ") and b"Content-Length" in answer
+
+
+def test_content_length_headers_that_disagree_are_400(server):
+    """Behind a proxy that reads the other one, the first winning would let a request smuggle another."""
+    data = json.dumps({"input_data": ["a"], "params": {"max_new_tokens": 1}}).encode()
+    head = (f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+            f"Content-Length: {len(data) + 40}\r\n\r\n").encode()
+    answer = raw_exchange(server.port, head + data)
+    assert answer.startswith(b"HTTP/1.1 400 ") and b"Content-Length" in answer
+
+
+def test_deeply_nested_json_is_400(server):
+    status, _, answer = server.request("POST", "/score", b"[" * 100_000 + b"]" * 100_000, JSON)
+    assert status == 400 and "nested too deeply" in json.loads(answer)["error"]
+
+
+@pytest.mark.parametrize("prompt", ['"a\\udcff"', '"\\ud800 b"'])
+def test_lone_surrogate_is_400_before_generating(server, prompt):
+    before = server.log().count(" 500 ")
+    body = b'{"input_data": [' + prompt.encode() + b'], "params": {"max_new_tokens": 5}}'
+    status, _, answer = server.request("POST", "/score", body, JSON)
+    error = json.loads(answer)["error"]
+    assert status == 400 and "input_data[0]" in error and "surrogate" in error
+    log = server.log_when(lambda text: " 400 prompts=0 new_tokens=0 " in text)
+    assert log.count(" 500 ") == before
+
+
+def test_control_characters_in_a_path_are_escaped_in_the_log(server):
+    answer = raw_exchange(server.port, b"GET /\x1b[31mred\x07 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 404 ")
+    log = server.log_when(lambda text: "red\\x07" in text)
+    assert "/\\x1b[31mred\\x07 404" in log and "\x1b" not in log and "\x07" not in log
+
+
+def test_oversized_body_shows_its_413_to_a_client_still_sending_it(server):
+    """http.client sends the whole body before reading: the server must not reset the connection under it."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    try:
+        connection.request("POST", "/score", b" " * 3_000_000, JSON)
+        response = connection.getresponse()
+        assert response.status == 413 and "--max-body-bytes" in json.loads(response.read())["error"]
+    finally:
+        connection.close()
+
+
+def test_a_client_that_half_closes_after_its_request_gets_its_answer(long_server, long_model):
+    """shutdown(SHUT_WR) after a complete request is not a disconnect (it was taken for one after 0.2 s)."""
+    params = {"do_sample": False, "max_new_tokens": 1000, "ignore_eos": True}  # a second or more: polled often
+    before = len(closed_lines(long_server.log()))
+    with socket.create_connection(("127.0.0.1", long_server.port), timeout=60) as sock:
+        sock.sendall(b"".join(score_request({"input_data": ["Half"], "params": params})))
+        sock.shutdown(socket.SHUT_WR)
+        reader = sock.makefile("rb")
+        status, _, answer = read_response(reader)
+        while status == 100:  # an interim answer may come first (the server's check that the client is there)
+            status, _, answer = read_response(reader)
+    with one_blas_thread():
+        assert (status, json.loads(answer)) == (200, long_model.generate(["Half"], **params))
+    assert len(closed_lines(long_server.log())) == before
+
+
+@pytest.fixture(scope="module")
+def strict_server(tiny_folder, tmp_path_factory):
+    """Short read deadline, few connections, few prompts, a small prefill chunk."""
+    server = Server(tiny_folder, tmp_path_factory.mktemp("log") / "server.log", "--read-timeout", "1",
+                    "--max-connections", "4", "--max-prompts", "8", "--prefill-chunk", "16")
+    yield server
+    server.stop()
+
+
+def test_client_stalled_mid_body_gets_408(strict_server):
+    head, data = score_request({"input_data": ["a"]})
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=5) as sock:
+        sock.sendall(head + data[:5])
+        start = time.monotonic()
+        answer = sock.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.1 408 ") and b"--read-timeout" in answer
+    assert time.monotonic() - start < 3
+
+
+def test_client_trickling_a_byte_at_a_time_is_cut_off(strict_server):
+    """Every byte arrives well within a recv timeout; the whole request does not within --read-timeout."""
+    head, data = score_request({"input_data": ["a"]})
+    with socket.create_connection(("127.0.0.1", strict_server.port), timeout=5) as sock:
+        start = time.monotonic()
+        try:
+            for byte in head + data:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.1)
+                assert time.monotonic() - start < 4, "still connected after 4 s"
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # cut off while sending: what this test wants
+        else:
+            raise AssertionError("the whole request was taken, one byte at a time")
+
+
+def test_connections_past_the_cap_get_503_at_once(strict_server):
+    idle = [socket.create_connection(("127.0.0.1", strict_server.port), timeout=5) for _ in range(4)]
+    try:
+        time.sleep(0.2)
+        with socket.create_connection(("127.0.0.1", strict_server.port), timeout=2) as sock:
+            answer = sock.makefile("rb").read()
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"--max-connections" in answer
+    finally:
+        for sock in idle:
+            sock.close()
+    wait_for(lambda: strict_server.request("GET", "/", timeout=5)[0] == 200, timeout=10, what="room again")
+
+
+def test_too_many_prompts_is_400_naming_the_limit(strict_server):
+    status, answer = strict_server.score({"input_data": ["a"] * 9, "params": {"max_new_tokens": 1}})
+    assert status == 400 and "--max-prompts" in answer["error"]
+    assert strict_server.score({"input_data": ["a"] * 8, "params": {"max_new_tokens": 1}})[0] == 200
+
+
+def test_seeded_answer_says_whether_it_shared_its_batch(strict_server, model):
+    """X-Shared-Batch: false means every step ran this request's rows only: the same request alone gives
+    the same bytes again. true: other rows shared some steps, which float32 rounding may feel."""
+    body = {"input_data": ["Seeded"], "params": {"seed": 3, "max_new_tokens": 20, "ignore_eos": True}}
+    data = json.dumps(body).encode()
+    status, headers, alone = strict_server.request("POST", "/score", data, JSON)
+    assert status == 200 and headers["X-Shared-Batch"] == "false"
+    with one_blas_thread():
+        assert json.loads(alone) == model.generate(body["input_data"], **body["params"])
+    long = {"input_data": ["Long"], "params": {"max_new_tokens": 100, "ignore_eos": True}}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        other = pool.submit(strict_server.score, long)
+        strict_server.wait_until(lambda h: h["batch_rows"] == 1)
+        status, headers, _ = strict_server.request("POST", "/score", data, JSON)
+        assert other.result(timeout=30)[0] == 200
+    assert status == 200 and headers["X-Shared-Batch"] == "true"
+
+
+def in_process_server(model, log: io.StringIO, **kwargs):
+    """A ScoringServer in this process on a free port, serving in a thread."""
+    from gpt2np.server import ScoringServer
+
+    server = ScoringServer(("127.0.0.1", 0), model, model_name="tiny", log=log, **kwargs)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    return server
+
+
+def post(server, body: bytes, timeout: float = 60):
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=timeout)
+    try:
+        connection.request("POST", "/score", body, JSON)
+        response = connection.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        connection.close()
+
+
+def test_a_prompt_too_long_in_bytes_is_refused_before_tokenizing(model, monkeypatch):
+    calls = []
+    real_encode = model.tokenizer.encode
+    monkeypatch.setattr(model.tokenizer, "encode", lambda *a, **k: (calls.append(1), real_encode(*a, **k))[1])
+    server = in_process_server(model, io.StringIO())
+    try:
+        status, answer = post(server, json.dumps({"input_data": ["x" * 300_000]}).encode())
+        assert status == 400 and "bytes" in answer["error"] and "input_data[0]" in answer["error"]
+        assert calls == []
+    finally:
+        server.stop_gracefully()
+
+
+def test_one_handler_tokenizes_at_a_time(model, monkeypatch):
+    """Tokenizing is pure Python: four handlers at it at once starved the worker of the GIL."""
+    active, most = [0], [0]
+    lock = threading.Lock()
+    real_encode = model.tokenizer.encode
+
+    def encode(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        time.sleep(0.2)
+        with lock:
+            active[0] -= 1
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(model.tokenizer, "encode", encode)
+    server = in_process_server(model, io.StringIO())
+    try:
+        body = json.dumps({"input_data": ["a b c"], "params": {"max_new_tokens": 1}}).encode()
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            assert [a[0] for a in pool.map(lambda _: post(server, body), range(4))] == [200] * 4
+        assert most[0] == 1
+    finally:
+        server.stop_gracefully()
+
+
+def test_word_cache_stays_bounded_under_giant_words(model):
+    """Rejected requests full of distinct giant words must not grow the tokenizer's cache."""
+    from gpt2np import tokenizer as tokenizer_module
+
+    server = in_process_server(model, io.StringIO())
+    try:
+        for i in range(20):
+            word = f"{i:04d}" + "z" * 9_000
+            assert post(server, json.dumps({"input_data": [word]}).encode())[0] == 400
+        cache = model.tokenizer._cache
+        assert model.tokenizer._cache_bytes <= tokenizer_module._CACHE_BYTES
+        assert max(map(len, cache), default=0) <= tokenizer_module._CACHE_WORD_BYTES
+    finally:
+        server.stop_gracefully()
+
+
+def test_accept_loop_does_not_spin_when_out_of_descriptors(model):
+    """accept() failing with EMFILE leaves the listening socket readable: the loop must pause."""
+    import errno
+
+    server = in_process_server(model, io.StringIO())
+    calls = []
+
+    class Exhausted:
+        def __init__(self, real):
+            self.real = real
+
+        def accept(self):
+            calls.append(1)
+            raise OSError(errno.EMFILE, "Too many open files")
+
+        def __getattr__(self, name):
+            return getattr(self.real, name)
+
+    real = server.socket
+    try:
+        server.socket = Exhausted(real)
+        pending = socket.create_connection(server.server_address[:2], timeout=5)  # never accepted: readable
+        time.sleep(1.0)
+        server.socket = real
+        assert len(calls) <= 20, f"{len(calls)} accept() calls in 1 s"
+        pending.close()
+    finally:
+        server.socket = real
+        server.stop_gracefully()
+
+
+def test_numpy_warnings_become_one_log_line(model, monkeypatch, capfd):
+    """A warning raised while decoding is one line of the server's log, and nothing on stderr."""
+    import warnings
+
+    from gpt2np.server import Scheduler
+
+    real_step = Scheduler.step
+
+    def step(self):
+        np.float32(3e38) * np.float32(10)  # NumPy's overflow RuntimeWarning, if floating-point warnings are on
+        warnings.warn("a planted warning\nin two lines", UserWarning)
+        return real_step(self)
+
+    monkeypatch.setattr(Scheduler, "step", step)
+    log = io.StringIO()
+    server = in_process_server(model, log)
+    previous = warnings.showwarning
+    try:
+        server.log_warnings()
+        body = json.dumps({"input_data": ["a"], "params": {"max_new_tokens": 2}}).encode()
+        assert post(server, body)[0] == 200
+    finally:
+        warnings.showwarning = previous
+        server.stop_gracefully()
+    assert capfd.readouterr().err == ""
+    lines = [line for line in log.getvalue().splitlines() if "warning" in line]
+    assert lines and all("a planted warning\\x0ain two lines" in line for line in lines)
+    assert "overflow" not in log.getvalue()
+
+
+# ---------------------------------------------------------------------------------------- scheduling
+def test_a_request_with_many_prompts_does_not_hold_the_batch(model):
+    """In process: a job with far more prompts than the batch leaves room; a later one-prompt job
+    joins at the next step instead of waiting for the first job's rows to finish."""
+    from gpt2np.generation import prepare_prompts
+    from gpt2np.sampling import GenerationOptions
+    from gpt2np.server import Job, Scheduler
+
+    o = GenerationOptions(max_new_tokens=50, do_sample=False, ignore_eos=True)
+    big = Job(["x"] * 100, prepare_prompts(model.tokenizer, ["x"] * 100, bos=50256), o, None, False, model)
+    small = Job(["y"], prepare_prompts(model.tokenizer, ["y"], bos=50256), o, None, False, model)
+    scheduler = Scheduler(model, max_batch_size=4, max_queue=4)  # not started: this test is its worker
+    scheduler.submit(big)
+    with one_blas_thread():
+        scheduler._join(scheduler._admit())
+        scheduler.step()
+        scheduler.submit(small)
+        scheduler._join(scheduler._admit())
+    assert small.rows[0] in scheduler.engine.rows
+
+
+def test_a_long_prompt_is_prefilled_between_decoding_steps(model):
+    """In process: while a long prompt is prefilled a chunk per step, the rows already decoding
+    get a token at every step, and both answers are the library's."""
+    from gpt2np.generation import prepare_prompts
+    from gpt2np.sampling import GenerationOptions
+    from gpt2np.server import Job, Scheduler
+
+    o = GenerationOptions(max_new_tokens=20, do_sample=False, ignore_eos=True)
+    short, long = "Short", " a" * 100
+    first = Job([short], prepare_prompts(model.tokenizer, [short], bos=50256), o, None, False, model)
+    second = Job([long], prepare_prompts(model.tokenizer, [long], bos=50256), o, None, False, model)
+    scheduler = Scheduler(model, max_batch_size=4, max_queue=4, prefill_chunk=16)
+    with one_blas_thread():
+        scheduler.submit(first)
+        scheduler._join(scheduler._admit())
+        scheduler.step()
+        scheduler.submit(second)
+        scheduler._join(scheduler._admit())
+        steps = 0
+        while scheduler.engine.waiting:
+            n = first.rows[0].n_new
+            scheduler.step()
+            assert first.rows[0].n_new == n + 1  # the short row decodes during the long one's prefill
+            steps += 1
+        assert steps == -(-100 // 16)
+        while scheduler.engine.busy:
+            scheduler.step()
+        for job, prompt in ((first, short), (second, long)):
+            assert job.texts == [model.generate(prompt, max_new_tokens=20, do_sample=False, ignore_eos=True,
+                                                return_full_text=False)]

@@ -25,8 +25,10 @@ clients therefore share the cost of reading the weights at every step instead of
 Every row keeps its own options and random generator (row i of a request draws from the i-th
 child of the request's seed, as in `GPT2.generate`), so a request's text does not depend on who
 shared its batch, up to float32 rounding: BLAS may round a row's matrix products differently for
-different batch sizes and padding (differences near 1e-7), which can only matter when two logits
-tie to that precision.
+different batch sizes and padding (differences near 1e-6), which flips a greedy choice only
+between two logits tied to that precision, and a seeded draw when its random number falls that
+close to a boundary. Each answer says which case it is in: `X-Shared-Batch: false` when no other
+request's rows shared a pass with its rows (the same request alone gives the same bytes again).
 
 A handler waiting for its job checks every DISCONNECT_POLL seconds that its client is still
 connected; once the client has closed the connection (a client timeout, Ctrl-C in curl), the job
@@ -758,6 +760,7 @@ class ScoringHandler(BaseHTTPRequestHandler):
         if len(body) < length:
             raise HTTPError(400, f"the body ended after {len(body)} of the {length} bytes its Content-Length announced")
         self._body_read = True
+        self.connection.settimeout(WRITE_TIMEOUT)  # not what was left of the read deadline
         return body.removeprefix(b"\xef\xbb\xbf")
 
     def _may_have_unread_body(self) -> bool:

@@ -396,7 +396,10 @@ class DeadlineReader(io.RawIOBase):
         if remaining <= 0:
             raise TimeoutError("the request was not received in time")
         self._sock.settimeout(remaining)
-        return self._sock.recv_into(buffer)
+        n = self._sock.recv_into(buffer)
+        if self._handler.idle:
+            self._handler.server.set_idle(self._handler, False)
+        return n
 
 
 def printable(text: str) -> str:
@@ -436,6 +439,7 @@ class ScoringServer(ThreadingHTTPServer):
         self._log, self._log_lock = log, threading.Lock()
         self._inflight, self._idle = 0, threading.Condition()
         self._connections, self._connections_lock = 0, threading.Lock()
+        self._idle_since: dict[ScoringHandler, float] = {}  # connections waiting for a request's first byte
 
     @property
     def url(self) -> str:
@@ -469,7 +473,7 @@ class ScoringServer(ThreadingHTTPServer):
         """Serve the connection in its own thread, or answer 503 and close it at once when
         --max-connections are already open."""
         with self._connections_lock:
-            full = self._connections >= self.max_connections
+            full = self._connections >= self.max_connections and not self._close_longest_idle()
             self._connections += not full
         if not full:
             super().process_request(request, client_address)
@@ -485,6 +489,30 @@ class ScoringServer(ThreadingHTTPServer):
             pass
         self.log(f"{client_address[0]} - - 503 prompts=0 new_tokens=0 0.000s error=too many open connections")
         self.shutdown_request(request)
+
+    def set_idle(self, handler: ScoringHandler, idle: bool) -> None:
+        """Note whether a connection waits for the first byte of a request (between two, kept alive)."""
+        with self._connections_lock:
+            handler.idle = idle
+            if idle:
+                self._idle_since[handler] = time.monotonic()
+            else:
+                self._idle_since.pop(handler, None)
+
+    def _close_longest_idle(self) -> bool:
+        """At the connection cap, make room as nginx does: close the connection idle the longest (a
+        kept-alive client opens a new one when it needs one). Called with the connections lock held;
+        its thread ends, and lowers the count, once it reads the end of the stream."""
+        if not self._idle_since:
+            return False
+        handler = min(self._idle_since, key=self._idle_since.__getitem__)
+        del self._idle_since[handler]
+        handler.idle = False
+        try:
+            handler.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        return True
 
     def process_request_thread(self, request, client_address):
         try:
@@ -539,13 +567,19 @@ class ScoringHandler(BaseHTTPRequestHandler):
         self.rfile = io.BufferedReader(DeadlineReader(self.connection, self))
         self.read_deadline = time.monotonic() + self.server.read_timeout
         self._probed = False
+        self.idle = False
 
     def handle_one_request(self) -> None:
         """One request: its request line, headers and body must arrive within --read-timeout of the
         moment the server starts waiting for it (an idle keep-alive connection is closed then too)."""
         self.read_deadline = time.monotonic() + self.server.read_timeout
         self._probed = False
+        self.server.set_idle(self, True)
         super().handle_one_request()
+
+    def finish(self) -> None:
+        self.server.set_idle(self, False)
+        super().finish()
 
     # -- dispatch
     def do_GET(self):

@@ -35,12 +35,14 @@ MODEL_CARD_BODY = {
 class Server:
     """A `python -m gpt2np.server` subprocess; its stderr (the request log) goes to a file."""
 
-    def __init__(self, folder: Path, log_path: Path, *flags: str):
+    def __init__(self, folder: Path, log_path: Path, *flags: str, max_files: int | None = None):
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
                    OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")  # fmt: skip  # 2 cores: no BLAS thread fights
         self.log_path = log_path
         self._log = open(log_path, "w")
         command = [sys.executable, "-m", "gpt2np.server", "--model", str(folder), "--port", "0", *flags]
+        if max_files is not None:  # as `ulimit -n` would: the server's file descriptor limit
+            command = ["sh", "-c", f'ulimit -n {max_files} && exec "$@"', "sh", *command]
         self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self._log, env=env, cwd=ROOT)
         self.port = self._wait_for_port()
 
@@ -176,6 +178,7 @@ def test_liveness_and_health(server, tiny_folder):
 
 def test_health_shows_no_local_path_and_server_no_python_version(server, tiny_folder):
     status, headers, body = server.request("GET", "/health")
+    assert status == 200
     assert json.loads(body)["model"] == tiny_folder.name and str(tiny_folder.parent) not in body.decode()
     assert headers["Server"] == "gpt2np"
 
@@ -752,8 +755,11 @@ def test_client_trickling_a_byte_at_a_time_is_cut_off(strict_server):
 
 
 def test_connections_past_the_cap_get_503_at_once(strict_server):
+    """Four connections in the middle of a request (none idle to close): the fifth is refused at once."""
     idle = [socket.create_connection(("127.0.0.1", strict_server.port), timeout=5) for _ in range(4)]
     try:
+        for sock in idle:
+            sock.sendall(b"GET / HTTP/1.1\r\n")
         time.sleep(0.2)
         with socket.create_connection(("127.0.0.1", strict_server.port), timeout=2) as sock:
             answer = sock.makefile("rb").read()
@@ -762,6 +768,44 @@ def test_connections_past_the_cap_get_503_at_once(strict_server):
         for sock in idle:
             sock.close()
     wait_for(lambda: strict_server.request("GET", "/", timeout=5)[0] == 200, timeout=10, what="room again")
+
+
+def test_idle_connections_make_room_for_a_request(strict_server, model):
+    """At the cap, the connection idle the longest is closed (as nginx does) instead of refusing the new one."""
+    idle = [socket.create_connection(("127.0.0.1", strict_server.port), timeout=5) for _ in range(4)]
+    try:
+        time.sleep(0.2)
+        assert strict_server.request("GET", "/", timeout=5)[0] == 200
+        assert idle[0].recv(1) == b""  # the oldest was closed
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU time from /proc")
+def test_idle_connections_under_a_low_descriptor_limit(tiny_folder, tmp_path):
+    """ulimit -n 128 and 200 idle connections: the server neither spins on a failing accept() nor
+    leaves a normal request unanswered."""
+    server = Server(tiny_folder, tmp_path / "server.log", max_files=128)
+    idle = []
+    try:
+        idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(200)]
+        time.sleep(0.5)
+        before = cpu_seconds(server.proc.pid)
+        time.sleep(1.0)
+        spent = cpu_seconds(server.proc.pid) - before
+        assert server.request("GET", "/health", timeout=5)[0] == 200
+        assert spent < 0.5, f"the idle server used {spent:.2f} s of CPU in 1 s"
+    finally:
+        for sock in idle:
+            sock.close()
+        server.stop()
 
 
 def test_too_many_prompts_is_400_naming_the_limit(strict_server):

@@ -309,8 +309,13 @@ class Engine:
         if part is None:
             return
         self.prefilling.pop(0)
-        parts = [part] if self.state is None else [self._used(range(len(self.rows))), part]
-        self._lay_out(parts, pending=False)
+        L = part.valid.shape[1] - _room(part.rows, pending=False)
+        if self.state is None:  # the rows are the whole batch: their cache has the room, no copy
+            self.state, self.end = part, L
+            return
+        part = _Part(part.rows, part.cache[:, :, :, :, :L], part.cache_rows, part.valid[:, :L], part.positions,
+                     part.logits)
+        self._lay_out([self._used(range(len(self.rows))), part], pending=False)
 
     def _decode(self) -> None:
         """The decoding pass of `forward`."""
@@ -378,12 +383,14 @@ class Engine:
 
 class _Prefill:
     """Rows whose prompts go through the model a chunk at a time: the left-padded ids, their own cache
-    (as wide as the longest prompt), and how many columns are done."""
+    (as wide as the longest prompt, with room for the tokens to come should they be the whole batch
+    when they join: np.zeros costs that room no memory until written), and how many columns are done."""
 
     def __init__(self, model, rows: list[Row]):
         self.rows = rows
         self.ids, self.valid, self.positions = left_pad([r.ids for r in rows])  # [b, L] each
-        self.cache = new_cache(model.config, len(rows), self.ids.shape[1])
+        self.room = _room(rows, pending=False)  # used if these rows become the whole batch
+        self.cache = new_cache(model.config, len(rows), self.ids.shape[1] + self.room)
         self.done = 0
 
     def run(self, model, budget: int) -> _Part | None:
@@ -398,7 +405,8 @@ class _Prefill:
         if e < L:
             return None
         logits = lm_head(x[:, -1], model.lm_head_weight)  # [b, V]
-        return _Part(self.rows, self.cache, np.arange(b), self.valid, self.positions[:, -1] + 1, logits)
+        valid = np.concatenate([self.valid, np.zeros((b, self.room), dtype=bool)], axis=1)
+        return _Part(self.rows, self.cache, np.arange(b), valid, self.positions[:, -1] + 1, logits)
 
 
 def _room(rows: Sequence[Row], *, pending: bool) -> int:

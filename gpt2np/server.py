@@ -470,8 +470,8 @@ class ScoringServer(ThreadingHTTPServer):
             raise
 
     def process_request(self, request, client_address):
-        """Serve the connection in its own thread, or answer 503 and close it at once when
-        --max-connections are already open."""
+        """Serve the connection in its own thread. When --max-connections are already open, first
+        close the one idle the longest; with none idle, answer 503 and close at once."""
         with self._connections_lock:
             full = self._connections >= self.max_connections and not self._close_longest_idle()
             self._connections += not full
@@ -916,8 +916,9 @@ def build_parser(prog: str = "gpt2np serve") -> argparse.ArgumentParser:
                         help="seconds a client has to send a whole request, or may stay idle between two; a "
                         f"body not received by then gets 408 (default: {DEFAULT_READ_TIMEOUT:g})")
     parser.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
-                        help="open connections; more get 503 at once (default: "
-                        f"{DEFAULT_MAX_CONNECTIONS}, and at most the file descriptor limit minus 64)")
+                        help="open connections; past them the longest idle one is closed, or with none idle "
+                        f"the new one gets 503 (default: {DEFAULT_MAX_CONNECTIONS}, and at most the file "
+                        "descriptor limit minus 64)")
     add_debug_argument(parser)
     return parser
 

@@ -566,14 +566,19 @@ class ScoringHandler(BaseHTTPRequestHandler):
         self.rfile.close()
         self.rfile = io.BufferedReader(DeadlineReader(self.connection, self))
         self.read_deadline = time.monotonic() + self.server.read_timeout
-        self._probed = False
+        self._probed = self._responded = False
         self.idle = False
+
+    def send_response(self, code, message=None) -> None:
+        """Note that the answer has begun: no interim 100 Continue may follow it."""
+        self._responded = True
+        super().send_response(code, message)
 
     def handle_one_request(self) -> None:
         """One request: its request line, headers and body must arrive within --read-timeout of the
         moment the server starts waiting for it (an idle keep-alive connection is closed then too)."""
         self.read_deadline = time.monotonic() + self.server.read_timeout
-        self._probed = False
+        self._probed = self._responded = False
         self.server.set_idle(self, True)
         super().handle_one_request()
 
@@ -659,8 +664,10 @@ class ScoringHandler(BaseHTTPRequestHandler):
 
     def completions(self):
         api = self.server.completions
+        body = self._read_body()
         try:
-            request = api.parse(self._read_body())
+            with self.server.tokenizing:  # parsing tokenizes the prompts: one handler at a time
+                request = api.parse(body)
         except CompletionError as e:
             raise HTTPError(e.status, e.message, param=e.param, code=e.code) from None
         self._prompts = len(request.prompts) * request.n
@@ -747,7 +754,7 @@ class ScoringHandler(BaseHTTPRequestHandler):
         is taken at its word and waited for."""
         if self._probed:
             return self.connection.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0
-        if self.request_version != "HTTP/1.1":
+        if self.request_version != "HTTP/1.1" or self._responded:  # a stream: its own writes will tell
             return True
         self._probed = True
         try:

@@ -6,6 +6,7 @@ import json
 import re
 import socket
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,7 +42,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def name(tiny_folder) -> str:
-    return str(tiny_folder)  # the served model's name is its --model
+    return tiny_folder.name  # the served model's name: its --model, a local folder by its last component only
 
 
 def complete(model, prompts, **options):
@@ -337,7 +338,7 @@ def long_server(tmp_path_factory):
 
 def long_request(server) -> dict:
     """64 choices of 1000 tokens two at a time: 32,000 steps, far more than any test waits."""
-    return {"model": str(server.proc.args[server.proc.args.index("--model") + 1]), "prompt": "Once", "n": 64,
+    return {"model": Path(server.proc.args[server.proc.args.index("--model") + 1]).name, "prompt": "Once", "n": 64,
             "max_tokens": 1000, "temperature": 0}
 
 

@@ -1018,3 +1018,18 @@ def test_a_long_prompt_is_prefilled_between_decoding_steps(model):
         for job, prompt in ((first, short), (second, long)):
             assert job.texts == [model.generate(prompt, max_new_tokens=20, do_sample=False, ignore_eos=True,
                                                 return_full_text=False)]
+
+
+def test_a_half_closed_streaming_client_gets_a_clean_stream(long_server, long_folder):
+    """Once an answer has begun (server-sent events), no interim 100 Continue may be written into it:
+    a client that half-closes gets the stream alone, to its end."""
+    body = json.dumps({"model": long_folder.name, "prompt": "Half", "max_tokens": 600, "temperature": 0,
+                       "stream": True}).encode()
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", long_server.port), timeout=60) as sock:
+        sock.sendall(head + body)
+        sock.shutdown(socket.SHUT_WR)
+        answer = sock.makefile("rb").read()
+    assert answer.startswith(b"HTTP/1.1 200 ") and answer.count(b"HTTP/1.1") == 1
+    assert answer.rstrip().endswith(b"data: [DONE]")

@@ -114,9 +114,12 @@ def measured(proc, run, *args) -> tuple[float, float | None, list[str]]:
 
 
 def _sender(api: str, port: int, model: str):
-    """send(prompt, max_new_tokens) -> text, through the chosen API."""
+    """send(prompt, max_new_tokens) -> text, through the chosen API (as the model, the name the server
+    serves it under: a local folder's last component)."""
     if api == "openai":
-        return lambda prompt, n: complete(port, prompt, n, model)
+        from gpt2np.server import public_name
+
+        return lambda prompt, n: complete(port, prompt, n, public_name(model))
     return lambda prompt, n: score(port, prompt, n)
 
 

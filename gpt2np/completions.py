@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from .engine import Row, check_fits
 from .generation import RowText, prepare_prompts
-from .request import RequestError, read_json
+from .request import RequestError, check_prompt_bytes, read_json
 from .sampling import GenerationOptions, LogitAdjustments, OptionError, check_logprobs, check_seed, row_generators
 
 EXAMPLE = json.dumps({"model": "gpt2", "prompt": "Once upon a time", "max_tokens": 16})
@@ -109,7 +109,8 @@ def _field(data: dict, name: str, check, expected: str, default=None):
     return value
 
 
-def parse_completion(body: bytes, model, *, served: str, max_tokens_cap: int | None = None) -> CompletionRequest:
+def parse_completion(body: bytes, model, *, served: str, max_tokens_cap: int | None = None,
+                     max_prompts: int | None = None, max_token_bytes: int | None = None) -> CompletionRequest:
     """A request body, checked against OpenAI's schema and this model: a CompletionRequest, or a
     CompletionError naming the field (400), or the model (404)."""
     try:
@@ -130,6 +131,7 @@ def parse_completion(body: bytes, model, *, served: str, max_tokens_cap: int | N
         options, adjust = _options(data, max_tokens), _adjustments(data)
     except OptionError as e:
         raise _bad("max_tokens" if e.field == "max_new_tokens" else e.field, e.rule) from None
+    _check_size(data.get("prompt"), n, model.config.n_ctx, max_prompts, max_token_bytes)
     prompts = _prompts(data.get("prompt"), model)  # tokenized last: a request refused for its fields costs little
     request = CompletionRequest(prompts, max_tokens, options, adjust, n, seed, stream, _include_usage(data, stream),
                                 logprobs, _field(data, "echo", lambda v: isinstance(v, bool), "true or false", False))
@@ -154,6 +156,24 @@ def _check_keys(data: dict, served: str) -> None:
     if data.get("suffix") not in (None, ""):
         raise _bad("suffix", "is not supported: GPT-2 continues text and cannot insert it before a suffix")
     _field(data, "user", lambda v: isinstance(v, str), "a string")
+
+
+def _check_size(value, n: int, n_ctx: int, max_prompts: int | None, max_token_bytes: int | None) -> None:
+    """The server's limits that need no tokens (request.check_prompt_bytes): rows (prompts times n)
+    within --max-prompts, and no prompt string with more bytes than the context can hold."""
+    texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+    many = isinstance(value, list) and value and not all(_is_integer(t) for t in value)
+    rows = (len(value) if many else 1) * n
+    if max_prompts is not None and rows > max_prompts:
+        raise CompletionError(400, f"prompt and n ask for {rows} completions; this server makes at most {max_prompts} "
+                                   "per request (its --max-prompts): split them over several requests", param="prompt")
+    for i, text in enumerate(texts):
+        if isinstance(text, str) and max_token_bytes is not None:
+            field = "prompt" if isinstance(value, str) else f"prompt[{i}]"
+            try:
+                check_prompt_bytes(text, field, n_ctx=n_ctx, max_token_bytes=max_token_bytes)
+            except RequestError as e:
+                raise CompletionError(400, str(e), param="prompt") from None
 
 
 def _prompts(value, model) -> list[list[int]]:
@@ -410,13 +430,16 @@ class CompletionJob:
 class CompletionsAPI:
     """The completions API of one served model: requests checked, jobs made, answers built."""
 
-    def __init__(self, model, model_name: str, *, max_tokens_cap: int | None = None):
+    def __init__(self, model, model_name: str, *, max_tokens_cap: int | None = None, max_prompts: int | None = None,
+                 max_token_bytes: int | None = None):
         self.model, self.model_name, self.max_tokens_cap = model, model_name, max_tokens_cap
+        self.max_prompts, self.max_token_bytes = max_prompts, max_token_bytes
         self.created = int(time.time())
         self._scoring = threading.Lock()
 
     def parse(self, body: bytes) -> CompletionRequest:
-        return parse_completion(body, self.model, served=self.model_name, max_tokens_cap=self.max_tokens_cap)
+        return parse_completion(body, self.model, served=self.model_name, max_tokens_cap=self.max_tokens_cap,
+                                max_prompts=self.max_prompts, max_token_bytes=self.max_token_bytes)
 
     def prompt_parts(self, request: CompletionRequest) -> list[PromptPart]:
         """Each prompt's text (offsets count from it) and, to echo with logprobs, its scores; scoring

@@ -204,3 +204,18 @@ def _json(value, limit: int = 60) -> str:
     """A parsed value as the request wrote it (`true`, `null`, `"50"`), cut to `limit` characters."""
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_prompt_bytes(prompt: str, field: str, *, n_ctx: int, max_token_bytes: int) -> None:
+    """Refuse a prompt too long for the context before tokenizing it (a 300 KB word takes seconds):
+    one token stands for at most `max_token_bytes` UTF-8 bytes, so a prompt of b bytes is at least
+    b / max_token_bytes tokens. The finer rule, with max_new_tokens, needs the tokens: engine.check_fits."""
+    size = len(prompt.encode("utf-8", errors="surrogatepass"))
+    if size > (n_ctx - 1) * max_token_bytes:  # more than n_ctx - 1 tokens: no room to generate
+        raise RequestError(f"{field} is {size} bytes, at least {-(-size // max_token_bytes)} tokens, more than the "
+                           f"model's {n_ctx}-token context holds; shorten it to at most {n_ctx - 1} tokens")
+
+
+def longest_token_bytes(tokenizer) -> int:
+    """The most UTF-8 bytes one token stands for (128 in GPT-2's vocabulary)."""
+    return max(len(tokenizer.decode_single_token_bytes(i)) for i in range(tokenizer.n_vocab))

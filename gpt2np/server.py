@@ -79,7 +79,7 @@ from .console import (
 )
 from .engine import Engine, Row, check_fits
 from .generation import RowText, prepare_prompts
-from .request import Request, RequestError, parse_request
+from .request import Request, RequestError, check_prompt_bytes, longest_token_bytes, parse_request
 from .sampling import GenerationOptions, row_generators
 
 DEFAULT_HOST = "127.0.0.1"
@@ -136,16 +136,10 @@ def check_size(request: Request, n_ctx: int, max_token_bytes: int, max_prompts: 
         raise HTTPError(400, f"{request.prompts_field} has {len(request.prompts)} prompts; this server takes at most "
                              f"{max_prompts} per request (its --max-prompts): split them over several requests")
     for i, prompt in enumerate(request.prompts):
-        size = len(prompt.encode("utf-8"))
-        if size > (n_ctx - 1) * max_token_bytes:  # more than n_ctx - 1 tokens: no room to generate
-            raise HTTPError(400, f"{request.prompt_field(i)} is {size} bytes, at least {-(-size // max_token_bytes)} "
-                                 f"tokens, more than the model's {n_ctx}-token context holds; shorten it to at "
-                                 f"most {n_ctx - 1} tokens")
-
-
-def longest_token_bytes(tokenizer) -> int:
-    """The most UTF-8 bytes one token stands for (128 in GPT-2's vocabulary)."""
-    return max(len(tokenizer.decode_single_token_bytes(i)) for i in range(tokenizer.n_vocab))
+        try:
+            check_prompt_bytes(prompt, request.prompt_field(i), n_ctx=n_ctx, max_token_bytes=max_token_bytes)
+        except RequestError as e:
+            raise HTTPError(400, str(e)) from None
 
 
 # ---------------------------------------------------------------------------------------- jobs
@@ -430,12 +424,13 @@ class ScoringServer(ThreadingHTTPServer):
         self.timeout_seconds, self.max_body_bytes, self.max_new_tokens_cap = timeout, max_body_bytes, max_new_tokens_cap
         self.max_prompts, self.read_timeout = limits.max_prompts, limits.read_timeout
         self.max_connections = limits.max_connections
-        self.max_token_bytes = longest_token_bytes(model.tokenizer)
         self.tokenizing = threading.Lock()  # one handler tokenizes at a time: the worker shares the GIL with one
         self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue,
                                    prefill_chunk=limits.prefill_chunk)
         self.scheduler.start()
-        self.completions = CompletionsAPI(model, model_name, max_tokens_cap=max_new_tokens_cap)
+        self.max_token_bytes = longest_token_bytes(model.tokenizer)
+        self.completions = CompletionsAPI(model, model_name, max_tokens_cap=max_new_tokens_cap,
+                                          max_prompts=limits.max_prompts, max_token_bytes=self.max_token_bytes)
         self._log, self._log_lock = log, threading.Lock()
         self._inflight, self._idle = 0, threading.Condition()
         self._connections, self._connections_lock = 0, threading.Lock()

@@ -6,6 +6,7 @@ import json
 import re
 import socket
 import struct
+import time
 from pathlib import Path
 
 import numpy as np
@@ -373,3 +374,14 @@ def test_a_request_past_the_timeout_is_504(long_server):
         for _ in client.completions.create(**long_request(long_server), stream=True):
             pass
     wait_for(lambda: long_server.health()["batch_rows"] == 0, what="the rows leaving")
+
+
+def test_the_server_s_limits_hold_before_tokenizing(client, server, name):
+    """/v1/completions keeps /score's cheap limits: rows (prompts times n) within --max-prompts (256
+    by default), and a prompt with more bytes than the context can hold refused before it is tokenized."""
+    with pytest.raises(openai.BadRequestError, match=r"ask for 300 completions; this server makes at most 256"):
+        client.completions.create(model=name, prompt=["a", "b", "c"], n=100, max_tokens=1)
+    started = time.monotonic()
+    with pytest.raises(openai.BadRequestError, match=r"prompt is 300000 bytes, at least 2344 tokens, more than"):
+        client.completions.create(model=name, prompt="x" * 300_000, max_tokens=1)
+    assert time.monotonic() - started < 2.0  # tokenizing one 300 KB word takes seconds

@@ -31,13 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
-from gpt2np import GPT2, GPT2Config, Tokenizer  # noqa: E402
-from gpt2np.checkpoint import random_state_dict, save_checkpoint  # noqa: E402
-from gpt2np.engine import Engine, Row  # noqa: E402
-from gpt2np.sampling import GenerationOptions  # noqa: E402
+from gpt2np import GPT2, GPT2Config, Tokenizer
+from gpt2np.checkpoint import random_state_dict, save_checkpoint
+from gpt2np.engine import Engine, Row
+from gpt2np.sampling import GenerationOptions
 
 ROWS: list[tuple[str, str, str, str, str]] = []  # (what, gpt2np, reference, ratio, floor)
 
@@ -215,7 +213,6 @@ def hf_prefill(torch, model, T):
 
 PEAK_RSS_CHILD = """
 import sys
-sys.path.insert(0, {root!r})
 which, folder = sys.argv[1], sys.argv[2]
 if which == "gpt2np":
     from gpt2np import GPT2
@@ -233,8 +230,7 @@ print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(
 
 
 def peak_rss_mib(which, folder):
-    code = PEAK_RSS_CHILD.format(root=str(ROOT))
-    out = subprocess.run([sys.executable, "-c", code, which, str(folder)], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", PEAK_RSS_CHILD, which, str(folder)], capture_output=True, text=True)
     if out.returncode != 0:
         return None
     return float(out.stdout.strip().splitlines()[-1])

@@ -31,8 +31,6 @@ import threading
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 PROMPTS = [
     "The quick brown fox", "Once upon a time, in a land", "My name is John and I am", "The capital of France is",
@@ -51,10 +49,9 @@ def random_checkpoint(folder: Path) -> Path:
 
 
 def start_server(model: str, log_path: Path, max_batch_size: int) -> tuple[subprocess.Popen, int]:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "gpt2np.server", "--model", model, "--port", "0",
                "--max-batch-size", str(max_batch_size)]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"), env=env, cwd=ROOT)
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         found = re.search(r"on http://127\.0\.0\.1:(\d+) ", log_path.read_text())

@@ -8,11 +8,8 @@ The same command as `gpt2np eval`; see `--help` and docs/evaluation.md for each 
 """
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-
-from gpt2np.evaluate import main  # noqa: E402
+from gpt2np.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main(prog="scripts/evaluate.py"))

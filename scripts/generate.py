@@ -4,30 +4,23 @@
     python scripts/generate.py "I believe the meaning of life is"
     python scripts/generate.py --help
 
-It runs from a fresh checkout without installing gpt2np: the repository root is put on the
-import path when gpt2np is not installed.
+Like every script here, it imports gpt2np as installed: `pip install -e .` in the repository root.
 """
 
 import sys
-from pathlib import Path
 
 
 def import_cli():
-    try:
-        from gpt2np import cli
-    except ModuleNotFoundError as e:
-        if e.name != "gpt2np":
-            raise
-        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-        from gpt2np import cli
+    from gpt2np import cli
+
     return cli
 
 
 if __name__ == "__main__":
     try:
         cli = import_cli()
-    except ModuleNotFoundError as e:  # a dependency of gpt2np, not gpt2np itself
-        print(f"generate.py: error: gpt2np needs the {e.name!r} package; install its requirements with "
+    except ModuleNotFoundError as e:  # gpt2np, or a package it needs, is not installed
+        print(f"generate.py: error: the {e.name!r} package is missing; install gpt2np and its requirements with "
               "`pip install -e .` in the repository root", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C before the command line could take charge: the same exit as after

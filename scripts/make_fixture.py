@@ -6,19 +6,25 @@ The committed files let the parity test run where torch is not installed. Run fr
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from gpt2np import GPT2Config
+from gpt2np.checkpoint import random_state_dict, save_checkpoint
 
-from gpt2np import GPT2Config  # noqa: E402
-from gpt2np.checkpoint import random_state_dict, save_checkpoint  # noqa: E402
-from tests.checkpoints import write_tokenizer  # noqa: E402
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+FOLDER = TESTS / "fixtures" / "tiny-gpt2"
 
-FOLDER = ROOT / "tests" / "fixtures" / "tiny-gpt2"
+
+def write_tokenizer(folder, vocab_size):
+    """The tests' helper (tests/checkpoints.py), loaded from its file: tests/ is not a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("checkpoints", TESTS / "checkpoints.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.write_tokenizer(folder, vocab_size)
 
 
 def main() -> None:

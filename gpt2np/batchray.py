@@ -3,6 +3,7 @@
 Only this module imports Ray, and only `gpt2np batch --ray` and users who call it import this module.
 
     import ray
+import ray.data
     from gpt2np.batchray import map_records
     from gpt2np.batchwork import Job
 
@@ -25,6 +26,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 import ray
+import ray.data
 
 from .batchwork import Job, Line, Worker
 
@@ -55,10 +57,10 @@ class RayWorker:
 
 def map_records(dataset, job: Job, *, actors: int, worker_class=RayWorker, cpus_per_actor: float = 1):
     """The dataset of chunks ({"index", "chunk"} rows) mapped to their records by `actors` actors of
-    `worker_class`. An actor that dies is restarted and its chunk run again (`max_restarts`,
-    `max_task_retries`): Ray keeps the result of the run that finished, once."""
+    `worker_class`. An actor that dies is restarted and its chunk run again (Ray Data's actor pools
+    default to max_restarts=-1 and max_task_retries=-1): Ray keeps the result of the run that finished."""
     return dataset.map_batches(worker_class, fn_constructor_args=(job,), batch_size=1, batch_format="numpy",
-                               concurrency=actors, num_cpus=cpus_per_actor, max_restarts=-1, max_task_retries=-1)
+                               concurrency=actors, num_cpus=cpus_per_actor)
 
 
 def ray_results(job: Job, chunks: Iterable[list[Line]], *, address: str, actors: int,
@@ -85,10 +87,11 @@ def ray_results(job: Job, chunks: Iterable[list[Line]], *, address: str, actors:
 
 def connect(address: str, *, progress: bool) -> bool:
     """Join the cluster (or start a local instance); True when this call started Ray."""
+    if not progress:  # Ray's own notes
+        for name in ("ray", "ray.data"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     if ray.is_initialized():
         return False
-    if not progress:
-        logging.getLogger("ray").setLevel(logging.ERROR)
     ray.init(address=address or "local", include_dashboard=False, log_to_driver=progress,
              logging_level=logging.INFO if progress else logging.ERROR)
     return True

@@ -45,7 +45,7 @@ class Job:
     task: str = "generate"
     model: str = "gpt2"  # a checkpoint folder (the driver resolves hub names to their cache folder)
     input_format: str = "jsonl"
-    defaults: dict = field(default_factory=dict)  # generate: keyword arguments of GPT2.generate, the flags
+    defaults: dict = field(default_factory=dict)  # generate: GPT2.generate's keywords (return_full_text: False)
     seed: int | None = None  # generate: line n draws from this seed's (n - 1)-th child
     max_length: int | None = None  # score: window length (default: the model's context)
     stride: int | None = None  # score: how far a window moves (default: min(512, max_length))
@@ -204,7 +204,7 @@ def prepare_generate(model, job: Job, line: Line) -> Prepared:
     prompt = required_text(data, "prompt", line)
     params = data.get("params", {})
     try:
-        options, seed, full = check_params(params, defaults=job.defaults)
+        options, seed, full = check_params(params, defaults={"return_full_text": False, **job.defaults})
     except RequestError as e:
         raise LineError(str(e)) from None
     (ids,) = prepare_prompts(model.tokenizer, [prompt], bos=model.config.bos_token_id)

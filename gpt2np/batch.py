@@ -352,8 +352,8 @@ def open_output(path: str | None):
 
 
 def command(argv: list[str], prog: str) -> int:
-    from .console import UsageError, check_ctrl_c, note, require_stdout
     from .batchwork import ModelLoadError
+    from .console import UsageError, check_ctrl_c, note, require_stdout
 
     args = build_parser(prog).parse_args(argv)
     if args.output is None:

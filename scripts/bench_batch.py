@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have an "
-         "they you were her she there one all we their would been has more when will who if no out so said what up "
+WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "
+         "an they you were her she there one all we their would been has more when will who if no out so said what up "
          "its about into than them can only other new some could time these two may then do first any my now such "
          "like our over man me even most made after also did many before must through years where much your way").split()
 
@@ -76,7 +76,7 @@ def main() -> None:
         tmp = Path(tmp)
         model = args.model or str(random_checkpoint(tmp / "gpt2-random"))
         paths = write_inputs(tmp, args.lines, args.doc_tokens, args.new_tokens)
-        print(f"| task | workers | lines | tokens | seconds | lines/s | tokens/s |\n|---|---|---|---|---|---|---|")
+        print("| task | workers | lines | tokens | seconds | lines/s | tokens/s |\n|---|---|---|---|---|---|---|")
         for task, path in paths.items():
             outputs = []
             for workers in (1, 2):

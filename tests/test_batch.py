@@ -34,12 +34,24 @@ PROMPTS = ["Hello there", "Once upon a time", "", "The meaning of life is", "A",
            "def f(x):", "Dear Sir,", "Q: 2+2?\nA:", "It was a dark and stormy night"]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny")
+def tiny_checkpoint(folder: Path) -> Path:
+    """Tiny dims, GPT-2's full vocabulary and tokenizer."""
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
     save_checkpoint(folder, config, random_state_dict(config, seed=0))
     return folder
+
+
+def subprocess_env(cache: Path) -> dict:
+    """No hub to reach (offline, a closed local port), an empty cache, gpt2np importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "GPT2NP_"))}
+    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", HF_HUB_CACHE=str(cache),
+               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    return env
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")
@@ -49,17 +61,12 @@ def model(checkpoint) -> GPT2:
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict:
-    """No hub to reach (offline, a closed local port), an empty cache, gpt2np importable."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "GPT2NP_"))}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8",
-               HF_HUB_CACHE=str(tmp_path_factory.mktemp("empty_cache")),
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
-    return env
+    return subprocess_env(tmp_path_factory.mktemp("empty_cache"))
 
 
 def batch(argv, env, *, stdin=b"") -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "gpt2np", "batch", *map(str, argv)], input=stdin,
-                            capture_output=True, env=env, cwd=REPO, timeout=TIMEOUT)
+                            capture_output=True, env=env, cwd=REPO, timeout=TIMEOUT, check=False)
     result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
     return result
 

@@ -16,11 +16,27 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from gpt2np.batch import read_lines, chunked, run_batch  # noqa: E402
-from gpt2np.batchray import RayWorker, ray_results  # noqa: E402
-from gpt2np.batchwork import Job  # noqa: E402
+from test_batch import batch, documents, mixed_input, subprocess_env, tiny_checkpoint, write_jsonl
 
-from test_batch import batch, checkpoint, documents, env, mixed_input, model, write_jsonl  # noqa: E402,F401
+from gpt2np import GPT2
+from gpt2np.batch import chunked, read_lines, run_batch
+from gpt2np.batchray import RayWorker, ray_results
+from gpt2np.batchwork import Job
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint) -> GPT2:
+    return GPT2.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict:
+    return subprocess_env(tmp_path_factory.mktemp("empty_cache"))
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -114,8 +115,8 @@ def written_records(path: Path) -> Iterator[dict]:
 
 
 def resume(lines: Iterable[Line], records: Iterator[dict], input_format: str, summary: Summary) -> Iterator[Line]:
-    """The input lines that the earlier run's records do not cover. The records must be the ids of
-    the input's first lines, in order (a run writes in input order); anything else is a ResumeError."""
+    """The input lines, those the earlier run's records cover marked `written`. The records must be
+    the ids of the input's first lines, in order (a run writes in input order); else a ResumeError."""
     for line in lines:
         record = next(records, None)
         if record is None:
@@ -129,9 +130,22 @@ def resume(lines: Iterable[Line], records: Iterator[dict], input_format: str, su
                               "from this input; pass another --output, or remove it to start again")
         summary.skipped += 1
         summary.failed_in_output += "error" in record
+        yield dataclasses.replace(line, written=True)
     if next(records, None) is not None:
         raise ResumeError("the output holds more records than the input has lines: it is not from this input; "
                           "pass another --output, or remove it to start again")
+
+
+def chunks_to_run(lines: Iterable[Line], size: int, handed_out: collections.deque) -> Iterator[list[Line]]:
+    """The chunks of `size` consecutive lines, counted from the input's first line whether or not an
+    earlier run wrote it, so that a line is always batched with the same lines: a resumed run
+    computes what an uninterrupted one would have, bit for bit. Chunks wholly written are skipped;
+    a chunk partly written is run whole and its written records dropped (`write_records`). Each
+    chunk handed out is remembered in `handed_out`, in order, for the writer to pair with its records."""
+    for chunk in chunked(lines, size):
+        if not all(line.written for line in chunk):
+            handed_out.append(chunk)
+            yield chunk
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -154,9 +168,9 @@ def process_results(job: Job, chunks: Iterable[list[Line]], workers: int) -> Ite
     from . import batchwork
 
     pending: collections.deque = collections.deque()
-    with blas_threads(max(1, available_cores() // workers)), \
-            ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                initializer=batchwork.start_process, initargs=(job,)) as pool:
+    with blas_threads(max(1, available_cores() // workers)):  # set while the pool starts processes (on demand)
+        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=batchwork.start_process,
+                                   initargs=(job,))
         try:
             for chunk in chunks:
                 pending.append(pool.submit(batchwork.process_chunk, chunk))
@@ -164,9 +178,18 @@ def process_results(job: Job, chunks: Iterable[list[Line]], workers: int) -> Ite
                     yield pending.popleft().result()
             while pending:
                 yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
+        except BaseException:  # Ctrl-C, a failed chunk, a reader gone: the chunks in flight are not waited for
+            stop_processes(pool)
+            raise
+        pool.shutdown()
+
+
+def stop_processes(pool) -> None:
+    """End a process pool's workers now. The executor only waits for them (until Python 3.14's
+    terminate_workers), and they ignore Ctrl-C (`start_process`), so they are terminated by hand."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def available_cores() -> int:
@@ -205,7 +228,8 @@ def run_batch(job: Job, source, out, *, resume_from: Path | None = None, workers
     lines = read_lines(source, job.input_format)
     if resume_from is not None and resume_from.exists():
         lines = resume(lines, written_records(resume_from), job.input_format, summary)
-    chunks = chunked(lines, job.batch_size)
+    handed_out: collections.deque = collections.deque()
+    chunks = chunks_to_run(lines, job.batch_size, handed_out)
     if ray_address is not None:
         from .batchray import ray_results
 
@@ -214,25 +238,29 @@ def run_batch(job: Job, source, out, *, resume_from: Path | None = None, workers
         results = process_results(job, chunks, workers)
     else:
         results = local_results(job, chunks, model)
-    write_records(results, out, summary, progress=progress)
+    write_records(results, handed_out, out, summary, progress=progress)
     return summary
 
 
-def write_records(results: Iterable[list[dict]], out, summary: Summary, *, progress: bool) -> None:
-    """Write each chunk's records as JSON lines in one write, then flush: a kill leaves whole chunks
-    and at most one line cut short, which a resumed run detects."""
+def write_records(results: Iterable[list[dict]], handed_out: collections.deque, out, summary: Summary, *,
+                  progress: bool) -> None:
+    """Write each chunk's records (but those an earlier run wrote) as JSON lines in one write, then
+    flush: a kill leaves whole records and at most one line cut short, which a resumed run drops."""
     from tqdm import tqdm
 
     started = time.monotonic()
     with tqdm(desc="lines", unit=" lines", file=sys.stderr, disable=not progress, dynamic_ncols=True) as bar:
         for records in results:
+            chunk = handed_out.popleft()
+            records = [r for line, r in zip(chunk, records, strict=True) if not line.written]
             out.write("".join(json.dumps(r) + "\n" for r in records))
             out.flush()
             summary.written += len(records)
             summary.failed += sum("error" in r for r in records)
             summary.tokens += sum(r.get("new_tokens", r.get("tokens", 0)) for r in records if "error" not in r)
             bar.update(len(records))
-            bar.set_postfix_str(f"{summary.tokens / max(time.monotonic() - started, 1e-9):.1f} tokens/s", refresh=False)
+            rate = summary.tokens / max(time.monotonic() - started, 1e-9)
+            bar.set_postfix_str(f"{rate:.1f} tokens/s", refresh=False)
 
 
 # ---------------------------------------------------------------------------------------- the command

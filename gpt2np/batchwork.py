@@ -60,6 +60,7 @@ class Line:
     number: int
     text: str
     problem: str | None = None  # why the line could not even be read as text (not UTF-8)
+    written: bool = False  # an earlier run wrote its record (the line is run again only with its chunk)
 
 
 # ---------------------------------------------------------------------------------------- reading a line

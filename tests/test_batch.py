@@ -224,11 +224,12 @@ def test_one_and_two_workers_write_the_same_output(checkpoint, env, tmp_path):
 # ---------------------------------------------------------------------------------------- resuming
 def test_resume_after_a_kill_at_a_random_line_loses_and_repeats_nothing(checkpoint, env, tmp_path):
     """Kill the job (SIGKILL) when a random number of lines is written, cut a line short as a kill
-    mid-write would, run it again: the output is the uninterrupted run's, byte for byte."""
+    mid-write would, run it again: the output is the uninterrupted run's, byte for byte (a chunk
+    that was partly written is run whole again, so each line is batched as it was)."""
     rng = random.Random(os.getpid())
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Line {i} says", "params": {"max_new_tokens": 40}}
                                                for i in range(30)])
-    argv = [path, "--task", "generate", "--model", checkpoint, "--seed", "11", "--batch-size", "1", "--quiet"]
+    argv = [path, "--task", "generate", "--model", checkpoint, "--seed", "11", "--batch-size", "3", "--quiet"]
     whole = batch([*argv, "--output", tmp_path / "whole.jsonl"], env)
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "resumed.jsonl"

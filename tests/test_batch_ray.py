@@ -62,16 +62,9 @@ def on_ray(path: Path, job: Job, *, worker_class=RayWorker) -> str:
 
 def test_ray_writes_what_one_process_writes(local_ray, checkpoint, model, tmp_path):
     """Greedy and seeded generations identical, scores within 1e-6 (in fact identical: same chunks)."""
-    generate = mixed_input(tmp_path / "in.jsonl", n=16)
-    for seed in (None, 3):  # without a seed only the greedy lines are comparable
-        job = Job(model=str(checkpoint), seed=seed, batch_size=3)
-        ours, theirs = on_ray(generate, job), one_process(model, generate, job)
-        pairs = list(zip(ours.splitlines(), theirs.splitlines()))
-        assert len(pairs) == len(theirs.splitlines())
-        for a, b in pairs:
-            a, b = json.loads(a), json.loads(b)
-            if seed is not None or "error" in b or b["id"] in {f"line-{i}" for i in range(0, 16, 3)}:
-                assert a == b
+    generate = mixed_input(tmp_path / "in.jsonl", n=16)  # greedy and sampled lines, and bad ones
+    job = Job(model=str(checkpoint), seed=3, batch_size=3)
+    assert on_ray(generate, job) == one_process(model, generate, job)
     score = write_jsonl(tmp_path / "docs.jsonl", [{"text": t} for t in documents(10)])
     job = Job(task="score", model=str(checkpoint), max_length=48, batch_size=4)
     for a, b in zip(on_ray(score, job).splitlines(), one_process(model, score, job).splitlines(), strict=True):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import importlib.util
 import json
 import os
 import sys
@@ -386,6 +387,8 @@ def command(argv: list[str], prog: str) -> int:
     args = build_parser(prog).parse_args(argv)
     if args.output is None:
         require_stdout()
+    if args.ray is not None and importlib.util.find_spec("ray") is None:
+        raise UsageError("--ray needs Ray Data, which is not installed: pip install \"gpt2np[ray]\"")
     folder = resolve_model(args.model, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet)
     job = make_job(args, folder)
     check_ctrl_c()

@@ -271,6 +271,18 @@ def test_errors_of_the_command_are_one_line(checkpoint, env, tmp_path):
     assert result.returncode == 2 and "cannot load the model" in result.stderr
 
 
+def test_ray_not_installed_is_one_line(checkpoint, monkeypatch, capsys):
+    import importlib.util
+
+    from gpt2np import batch as batch_module
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
+    assert batch_module.main(["-", "--task", "score", "--model", str(checkpoint), "--ray"]) == 2
+    assert capsys.readouterr().err == 'gpt2np batch: error: --ray needs Ray Data, which is not installed: pip install ' \
+                                      '"gpt2np[ray]"\n'
+
+
 def test_the_worker_is_reusable_and_holds_no_state_between_chunks(model):
     """A chunk gives the same records whenever it runs: what lets N workers and Ray match one."""
     from gpt2np.batchwork import Line

@@ -3,8 +3,8 @@
     gpt2np batch prompts.jsonl --task generate --output out.jsonl --seed 0
     gpt2np batch corpus.txt --format text --task score --output scores.jsonl --workers 2
 
-The driver here reads the input as a stream, skips the lines an earlier run already wrote
-(`resume`), cuts the rest into chunks of `batch_size` consecutive lines and hands them to
+The driver here reads the input as a stream, cuts it into chunks of `batch_size` consecutive lines
+(`chunks_to_run`; those an earlier run wrote are skipped, see `resume`) and hands them to
 `gpt2np.batchwork.Worker`s: in this process, in `workers` processes (`process_results`), or in Ray
 actors (gpt2np.batchray). Records come back chunk by chunk and are written in input order, one
 JSON line each, each chunk flushed before the next is written. Only a bounded number of chunks is
@@ -13,7 +13,8 @@ in flight, so memory does not grow with the input (except on Ray, whose dataset 
 Resuming: the output of a run is a prefix of the input's records, in order. A run started again
 with the same --output reads the records there, checks that their ids are those of the input's
 first lines, drops a last line that was cut short (no newline: a kill mid-write), and appends the
-rest. Nothing is lost or written twice.
+rest. Nothing is lost or written twice, and each line is batched with the same lines as in an
+uninterrupted run, so its record is the same to the bit.
 """
 
 from __future__ import annotations

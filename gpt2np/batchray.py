@@ -3,11 +3,11 @@
 Only this module imports Ray, and only `gpt2np batch --ray` and users who call it import this module.
 
     import ray
-import ray.data
-    from gpt2np.batchray import map_records
-    from gpt2np.batchwork import Job
+    from gpt2np.batchray import encode_chunk, map_records
+    from gpt2np.batchwork import Job, Line
 
-    ds = ray.data.from_items([{"index": 0, "chunk": encode_chunk(lines)}, ...])
+    lines = [Line(1, '{"text": "A document."}'), Line(2, '{"text": "Another."}')]
+    ds = ray.data.from_items([{"index": 0, "chunk": encode_chunk(lines)}])
     records = map_records(ds, Job(task="score", model="/shared/gpt2"), actors=8)
 
 `map_records` is `Dataset.map_batches` over `RayWorker`, a callable class: each actor builds one

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import itertools
 import json
 import os
 import random
@@ -292,3 +293,34 @@ def test_the_worker_is_reusable_and_holds_no_state_between_chunks(model):
     first = worker(chunk)
     worker([Line(9, generate_line("other"))])
     assert worker(chunk) == first
+
+
+def test_the_input_is_read_as_a_stream(model):
+    """An endless input: the job reads only as far as it has written (bounded memory), here one chunk
+    ahead when the output fails after three chunks."""
+    read = []
+
+    def endless():
+        for n in itertools.count(1):
+            read.append(n)
+            yield generate_line(f"Line {n}", max_new_tokens=1).encode() + b"\n"
+
+    class Full(io.StringIO):
+        def write(self, text):
+            if self.getvalue().count("\n") >= 6:
+                raise OSError("disk full")
+            return super().write(text)
+
+    with pytest.raises(OSError, match="disk full"):
+        run_batch(Job(model="unused", batch_size=2), endless(), Full(), model=model, progress=False)
+    assert len(read) <= 10
+
+
+def test_without_ray_the_job_never_imports_ray(checkpoint, tmp_path):
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hi", "params": {"max_new_tokens": 2}}])
+    code = ("import sys\nfrom gpt2np.batch import main\n"
+            f"status = main([{str(path)!r}, '--task', 'generate', '--model', {str(checkpoint)!r}, '--quiet'])\n"
+            "assert status == 0 and 'ray' not in sys.modules, (status, [m for m in sys.modules if 'ray' in m][:3])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT,
+                            check=False, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stderr

@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "
          "an they you were her she there one all we their would been has more when will who if no out so said what up "
          "its about into than them can only other new some could time these two may then do first any my now such "
-         "like our over man me even most made after also did many before must through years where much your way").split()
+         "like our over man me even most made after also did many before must through years where much "
+         "your way").split()
 
 
 def random_checkpoint(folder: Path) -> Path:

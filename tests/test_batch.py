@@ -280,8 +280,8 @@ def test_ray_not_installed_is_one_line(checkpoint, monkeypatch, capsys):
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else find_spec(name, *a))
     assert batch_module.main(["-", "--task", "score", "--model", str(checkpoint), "--ray"]) == 2
-    assert capsys.readouterr().err == 'gpt2np batch: error: --ray needs Ray Data, which is not installed: pip install ' \
-                                      '"gpt2np[ray]"\n'
+    expected = 'gpt2np batch: error: --ray needs Ray Data, which is not installed: pip install "gpt2np[ray]"\n'
+    assert capsys.readouterr().err == expected
 
 
 def test_the_worker_is_reusable_and_holds_no_state_between_chunks(model):

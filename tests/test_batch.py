@@ -324,3 +324,43 @@ def test_without_ray_the_job_never_imports_ray(checkpoint, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT,
                             check=False, env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert result.returncode == 0, result.stderr
+
+
+def test_ctrl_c_stops_the_workers_says_one_line_and_the_job_resumes(checkpoint, env, tmp_path):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) while 2 workers run: status 130,
+    one line, no worker left behind; the same command with 1 worker then finishes the file as an
+    uninterrupted run writes it."""
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Line {i} says", "params": {"max_new_tokens": 40}}
+                                               for i in range(60)])
+    argv = [sys.executable, "-m", "gpt2np", "batch", str(path), "--task", "generate", "--model", str(checkpoint),
+            "--seed", "4", "--batch-size", "2", "--quiet"]
+    out = tmp_path / "out.jsonl"
+    process = subprocess.Popen([*argv, "--output", str(out), "--workers", "2"], env=env, cwd=REPO,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        while process.poll() is None and (not out.exists() or out.read_text().count("\n") < 6):
+            time.sleep(0.01)
+        os.killpg(process.pid, signal.SIGINT)
+        _, err = process.communicate(timeout=TIMEOUT)
+    finally:
+        process.kill()
+    assert (process.returncode, err.decode()) == (130, "gpt2np batch: interrupted\n")
+    assert out.read_text().count("\n") < 60, "the job ended before the interrupt"
+    assert group_ends(process.pid, within=20), "a worker outlived the interrupted job"
+    finished = subprocess.run([*argv, "--output", str(out)], env=env, cwd=REPO, capture_output=True, check=False)
+    whole = subprocess.run([*argv, "--output", str(tmp_path / "whole.jsonl")], env=env, cwd=REPO, check=False)
+    assert (finished.returncode, whole.returncode) == (0, 0), finished.stderr
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
+
+
+def group_ends(group: int, *, within: float) -> bool:
+    """True once no process of the group is left (a worker ended but not yet reaped counts until it is)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False

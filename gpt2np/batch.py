@@ -299,7 +299,8 @@ def build_parser(prog: str):
     r.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
                    help="lines run together in one batch (default: %(default)s)")
     r.add_argument("--workers", type=positive_int, default=1, metavar="N",
-                   help="processes, each with its share of the cores; with --ray, actors (default: 1)")
+                   help="processes, each with its share of the cores; with --ray, actors (default: 1; with --ray, "
+                        "one per CPU of the cluster)")
     r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run on a Ray cluster at ADDRESS, or a local Ray instance without one (pip install "
                         "'gpt2np[ray]')")

@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterable, Iterator
 
 import numpy as np
 import ray
 import ray.data
 
-from .batchwork import Job, Line, Worker
+from .batchwork import Job, Line, ModelLoadError, Worker
 
 
 def encode_chunk(lines: Iterable[Line]) -> str:
@@ -78,11 +79,31 @@ def ray_results(job: Job, chunks: Iterable[list[Line]], *, address: str, actors:
         context.enable_progress_bars = progress
         n = actors if actors > 1 else max(1, int(ray.cluster_resources().get("CPU", 1)))
         dataset = map_records(ray.data.from_items(items), job, actors=min(n, len(items)), worker_class=worker_class)
-        for row in dataset.iter_rows():
-            yield [json.loads(text) for text in row["records"].splitlines()]
+        try:
+            for row in dataset.iter_rows():
+                yield [json.loads(text) for text in row["records"].splitlines()]
+        except Exception as e:
+            raise model_load_error(e) or e
     finally:
         if started:
             ray.shutdown()
+
+
+def model_load_error(error: BaseException) -> ModelLoadError | None:
+    """The ModelLoadError an actor raised, if that is what `error` wraps, so that the command reports
+    the model's problem as bad input, in one line, as without Ray. Ray hands the driver its own
+    exceptions: a task's error inside (`cause`, or chained), but an actor that failed in its
+    constructor only as text in an ActorDiedError's message, from which the line is taken."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, ModelLoadError):
+            return error
+        found = re.search(rf"{ModelLoadError.__name__}: (.*)", str(error))
+        if found:
+            return ModelLoadError(found[1].strip())
+        seen.add(id(error))
+        error = getattr(error, "cause", None) or error.__cause__ or error.__context__
+    return None
 
 
 def connect(address: str, *, progress: bool) -> bool:

@@ -109,3 +109,13 @@ def test_the_command_with_ray_writes_the_same_file(checkpoint, env, tmp_path):
     result = batch([*argv, "--output", partial, "--ray", "--workers", 2], env)
     assert result.returncode == 3, result.stderr
     assert partial.read_text() == expected
+
+
+def test_a_model_the_actors_cannot_load_is_the_models_error(local_ray, tmp_path):
+    """Not Ray's ActorDiedError: the command turns a ModelLoadError into its one-line status 2."""
+    from gpt2np.batchwork import ModelLoadError
+
+    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hi"}])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        on_ray(path, Job(model=str(tmp_path / "empty")))

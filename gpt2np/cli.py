@@ -1,4 +1,4 @@
-"""The gpt2np command line: `gpt2np generate`, `gpt2np download`, `gpt2np serve`, `gpt2np eval`.
+"""The gpt2np command line: `gpt2np generate`, `download`, `serve`, `eval` and `batch`.
 
     gpt2np "I believe the meaning of life is"       # no command means generate
     gpt2np generate --json request.json             # a request in the model card endpoint's format
@@ -44,9 +44,9 @@ from .console import (
     wants_debug,
 )
 
-# `gpt2np serve ...` and `gpt2np eval ...` hand their arguments, unchanged, to `main(argv) -> int`
-# of these modules, imported only when asked for.
-MODULE_COMMANDS = {"serve": "gpt2np.server", "eval": "gpt2np.evaluate"}
+# `gpt2np serve ...`, `gpt2np eval ...` and `gpt2np batch ...` hand their arguments, unchanged, to
+# `main(argv) -> int` of these modules, imported only when asked for.
+MODULE_COMMANDS = {"serve": "gpt2np.server", "eval": "gpt2np.evaluate", "batch": "gpt2np.batch"}
 COMMANDS = ("generate", "download", *MODULE_COMMANDS)
 
 TOP_LEVEL_HELP = """\
@@ -54,6 +54,7 @@ usage: {prog} [generate] [PROMPT] [options]
        {prog} download [MODEL] [--revision REV] [--cache-dir DIR] [--quiet]
        {prog} serve ...
        {prog} eval ...
+       {prog} batch INPUT --task generate|score [--output FILE] ...
 
 GPT-2 inference in pure NumPy.
 
@@ -63,6 +64,8 @@ commands:
   download   fetch a checkpoint into the hub cache and print its folder
   serve      serve the model card's HTTP endpoint (see `{prog} serve --help`)
   eval       evaluate a checkpoint (see `{prog} eval --help`)
+  batch      generate for, or score, every line of a file, resumably, on
+             one or N processes or a Ray cluster (see `{prog} batch --help`)
 
 `{prog} generate --help` lists every generation flag with its default.
 """
@@ -110,7 +113,7 @@ def run_command(command: str, argv: list[str], *, prog: str) -> int:
 
 
 def module_command(command: str, argv: list[str]) -> int:
-    """`serve` and `eval`: import their module now and pass the arguments through unchanged."""
+    """`serve`, `eval` and `batch`: import their module now and pass the arguments through unchanged."""
     name = MODULE_COMMANDS[command]
     try:
         module = importlib.import_module(name)

@@ -61,6 +61,8 @@ def run(body: Callable[[], int | None], *, prog: str, debug: bool = False, usage
             with guarded_stdout():
                 status = body()
                 sys.stdout.flush()  # a full disk shows here, not in Python's last flush at exit
+            if status == EXIT_INTERRUPTED:  # a command run by another (gpt2np batch) has said so already
+                return status
             check_ctrl_c()
             return EXIT_OK if status is None else status
         except KeyboardInterrupt:

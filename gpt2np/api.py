@@ -48,8 +48,9 @@ class GPT2:
         self.name = name
 
     @classmethod
-    def from_pretrained(cls, name_or_path, *, revision="main", cache_dir=None, token=None, offline=None,
-                        progress=True) -> "GPT2":  # fmt: skip
+    def from_pretrained(
+        cls, name_or_path, *, revision="main", cache_dir=None, token=None, offline=None, progress=True
+    ) -> "GPT2":
         """Load a checkpoint folder, or a hub repo (`gpt2`, `openai-community/gpt2-medium`, ...).
 
         A folder is used as it is. Otherwise the name is a hub repo id (short names `gpt2`,
@@ -60,13 +61,18 @@ class GPT2:
         if not folder.is_dir():
             text = str(name_or_path)
             if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
-                raise ValueError(f"no checkpoint folder at {text!r}: pass an existing folder or a hub repo id like 'gpt2'")
+                raise ValueError(
+                    f"no checkpoint folder at {text!r}: pass an existing folder or a hub repo id like 'gpt2'"
+                )
             from .hub import snapshot_download
 
-            folder = snapshot_download(text, revision=revision, cache_dir=cache_dir, token=token,
-                                       offline=offline, progress=progress)  # fmt: skip
+            folder = snapshot_download(
+                text, revision=revision, cache_dir=cache_dir, token=token, offline=offline, progress=progress
+            )
         if not (folder / CONFIG_NAME).is_file():
-            raise ValueError(f"no {CONFIG_NAME} in {folder}: a checkpoint folder holds config.json and model.safetensors")
+            raise ValueError(
+                f"no {CONFIG_NAME} in {folder}: a checkpoint folder holds config.json and model.safetensors"
+            )
         config = GPT2Config.from_json_file(folder / CONFIG_NAME)
         params = unflatten(load_state_dict(folder, config))
         vocab, merges = folder / "vocab.json", folder / "merges.txt"
@@ -89,12 +95,16 @@ class GPT2:
         try:
             ids = np.asarray(ids)
         except ValueError as e:  # ragged nested lists
-            raise ValueError(f"ids must be a rectangular [T] or [B, T] array of token ids ({e}); pad ragged rows or use generate_ids") from None
+            raise ValueError(
+                f"ids must be a rectangular [T] or [B, T] array of token ids ({e}); pad ragged rows or use generate_ids"
+            ) from None
         check_integer_ids(given, ids, what="ids")
         if ids.ndim not in (1, 2) or ids.shape[-1] == 0 or ids.size == 0:
             raise ValueError(f"ids must have shape [T] or [B, T] with T >= 1, got shape {ids.shape}")
         if ids.shape[-1] > self.config.n_ctx:
-            raise ValueError(f"sequence of {ids.shape[-1]} tokens is longer than the context ({self.config.n_ctx} tokens)")
+            raise ValueError(
+                f"sequence of {ids.shape[-1]} tokens is longer than the context ({self.config.n_ctx} tokens)"
+            )
         V = self.config.vocab_size
         if ids.min() < 0 or ids.max() >= V:
             bad = ids[(ids < 0) | (ids >= V)]
@@ -154,8 +164,16 @@ class GPT2:
         options, seed, return_full_text = generation_arguments(options, method="stream")
         return stream_text(self, prompt, options, row_generators(seed, 1)[0], return_full_text=return_full_text)
 
-    def complete(self, prompt_or_prompts, *, logprobs=None, presence_penalty=0.0, frequency_penalty=0.0,
-                 logit_bias=None, **options) -> Completion | list[Completion]:
+    def complete(
+        self,
+        prompt_or_prompts,
+        *,
+        logprobs=None,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        logit_bias=None,
+        **options,
+    ) -> Completion | list[Completion]:
         """Like `generate`, but each prompt gives a `Completion`: its ids, the continuation's text, why it
         ended, and with `logprobs=k` (0 to 5) the log-probability of every new token and of the k most
         likely tokens at its step. Log-probs are the model's own, before temperature, top-k, top-p,
@@ -167,8 +185,9 @@ class GPT2:
         bias = tuple((logit_bias or {}).items())
         adjust = LogitAdjustments(presence_penalty, frequency_penalty, bias)
         ids = prepare_prompts(self.tokenizer, prompts, bos=self.config.bos_token_id)
-        done = complete(self, ids, options, row_generators(seed, len(prompts)), adjust,
-                        logprobs=check_logprobs(logprobs))
+        done = complete(
+            self, ids, options, row_generators(seed, len(prompts)), adjust, logprobs=check_logprobs(logprobs)
+        )
         return done[0] if single else done
 
     def score(self, text, *, top=0) -> ScoredText:

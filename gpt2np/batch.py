@@ -111,8 +111,10 @@ def written_records(path: Path) -> Iterator[dict]:
             except ValueError:
                 record = None
             if not isinstance(record, dict) or "id" not in record:
-                raise ResumeError(f"{path}: line {number} is not a record gpt2np batch writes; "
-                                  "pass another --output, or remove the file to start again")
+                raise ResumeError(
+                    f"{path}: line {number} is not a record gpt2np batch writes; "
+                    "pass another --output, or remove the file to start again"
+                )
             yield record
 
 
@@ -127,15 +129,19 @@ def resume(lines: Iterable[Line], records: Iterator[dict], input_format: str, su
             return
         expected = line_id(line, input_format)
         if record["id"] != expected:
-            raise ResumeError(f"the output's record {summary.skipped + 1} has id {json.dumps(record['id'])} but "
-                              f"the input's line {line.number} has id {json.dumps(expected)}: the output is not "
-                              "from this input; pass another --output, or remove it to start again")
+            raise ResumeError(
+                f"the output's record {summary.skipped + 1} has id {json.dumps(record['id'])} but "
+                f"the input's line {line.number} has id {json.dumps(expected)}: the output is not "
+                "from this input; pass another --output, or remove it to start again"
+            )
         summary.skipped += 1
         summary.failed_in_output += "error" in record
         yield dataclasses.replace(line, written=True)
     if next(records, None) is not None:
-        raise ResumeError("the output holds more records than the input has lines: it is not from this input; "
-                          "pass another --output, or remove it to start again")
+        raise ResumeError(
+            "the output holds more records than the input has lines: it is not from this input; "
+            "pass another --output, or remove it to start again"
+        )
 
 
 def chunks_to_run(lines: Iterable[Line], size: int, handed_out: collections.deque) -> Iterator[list[Line]]:
@@ -171,8 +177,9 @@ def process_results(job: Job, chunks: Iterable[list[Line]], workers: int) -> Ite
 
     pending: collections.deque = collections.deque()
     with blas_threads(max(1, available_cores() // workers)):  # set while the pool starts processes (on demand)
-        pool = ProcessPoolExecutor(workers, mp_context=get_context("spawn"), initializer=batchwork.start_process,
-                                   initargs=(job,))
+        pool = ProcessPoolExecutor(
+            workers, mp_context=get_context("spawn"), initializer=batchwork.start_process, initargs=(job,)
+        )
         try:
             for chunk in chunks:
                 pending.append(pool.submit(batchwork.process_chunk, chunk))
@@ -220,8 +227,17 @@ def blas_threads(n: int):
                 os.environ[name] = value
 
 
-def run_batch(job: Job, source, out, *, resume_from: Path | None = None, workers: int = 1,
-              ray_address: str | None = None, model=None, progress: bool = True) -> Summary:
+def run_batch(
+    job: Job,
+    source,
+    out,
+    *,
+    resume_from: Path | None = None,
+    workers: int = 1,
+    ray_address: str | None = None,
+    model=None,
+    progress: bool = True,
+) -> Summary:
     """Run `job` over the lines of `source` (a binary stream) and write one JSON record per line to
     `out` (a text stream), in input order. With `resume_from` (the file `out` appends to), the lines
     it already holds are skipped. `ray_address` runs the chunks on Ray ("" for a local instance);
@@ -244,8 +260,9 @@ def run_batch(job: Job, source, out, *, resume_from: Path | None = None, workers
     return summary
 
 
-def write_records(results: Iterable[list[dict]], handed_out: collections.deque, out, summary: Summary, *,
-                  progress: bool) -> None:
+def write_records(
+    results: Iterable[list[dict]], handed_out: collections.deque, out, summary: Summary, *, progress: bool
+) -> None:
     """Write each chunk's records (but those an earlier run wrote) as JSON lines in one write, then
     flush: a kill leaves whole records and at most one line cut short, which a resumed run drops."""
     from tqdm import tqdm
@@ -284,29 +301,55 @@ def build_parser(prog: str):
     from .cli import add_generation_arguments, add_hub_arguments
     from .console import ArgumentParser, add_debug_argument, positive_int
 
-    parser = ArgumentParser(prog=prog, allow_abbrev=False, description=DESCRIPTION, epilog=EPILOG,
-                            formatter_class=_raw_formatter())
+    parser = ArgumentParser(
+        prog=prog, allow_abbrev=False, description=DESCRIPTION, epilog=EPILOG, formatter_class=_raw_formatter()
+    )
     parser.add_argument("input", metavar="INPUT", help="the input file, '-' for stdin")
     parser.add_argument("--task", required=True, choices=TASKS, help="generate text, or score texts")
-    parser.add_argument("--output", metavar="FILE",
-                        help="write the records to FILE, and resume from what it holds (default: stdout)")
-    parser.add_argument("--format", dest="input_format", choices=FORMATS, default="jsonl",
-                        help="jsonl: one JSON object a line; text: one document (prompt) a line (default: jsonl)")
-    parser.add_argument("--model", default="gpt2", metavar="NAME_OR_FOLDER",
-                        help="a hub repo id or a checkpoint folder (default: %(default)s)")
+    parser.add_argument(
+        "--output", metavar="FILE", help="write the records to FILE, and resume from what it holds (default: stdout)"
+    )
+    parser.add_argument(
+        "--format",
+        dest="input_format",
+        choices=FORMATS,
+        default="jsonl",
+        help="jsonl: one JSON object a line; text: one document (prompt) a line (default: jsonl)",
+    )
+    parser.add_argument(
+        "--model",
+        default="gpt2",
+        metavar="NAME_OR_FOLDER",
+        help="a hub repo id or a checkpoint folder (default: %(default)s)",
+    )
     add_hub_arguments(parser)
     r = parser.add_argument_group("running")
-    r.add_argument("--batch-size", type=positive_int, default=8, metavar="N",
-                   help="lines run together in one batch (default: %(default)s)")
-    r.add_argument("--workers", type=positive_int, default=1, metavar="N",
-                   help="processes, each with its share of the cores; with --ray, actors (default: 1; with --ray, "
-                        "one per CPU of the cluster)")
-    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
-                   help="run on a Ray cluster at ADDRESS, or a local Ray instance without one (pip install "
-                        "'gpt2np[ray]')")
+    r.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=8,
+        metavar="N",
+        help="lines run together in one batch (default: %(default)s)",
+    )
+    r.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="processes, each with its share of the cores; with --ray, actors (default: 1; with --ray, "
+        "one per CPU of the cluster)",
+    )
+    r.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run on a Ray cluster at ADDRESS, or a local Ray instance without one (pip install 'gpt2np[ray]')",
+    )
     r.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr (default: show them)")
     add_debug_argument(r)
-    g = parser.add_argument_group("generate (a line's \"params\" override these)")
+    g = parser.add_argument_group('generate (a line\'s "params" override these)')
     add_generation_arguments(g)
     s = parser.add_argument_group("score (as gpt2np.evaluate.perplexity)")
     s.add_argument("--max-length", type=positive_int, metavar="N", help="window length (default: the context)")
@@ -343,16 +386,32 @@ def make_job(args, model_folder: str) -> Job:
     from .console import UsageError
     from .request import RequestError, check_params
 
-    defaults = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                    top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty,
-                    stop=args.stop, ignore_eos=args.ignore_eos, return_full_text=False)
+    defaults = dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        ignore_eos=args.ignore_eos,
+        return_full_text=False,
+    )
     try:
         check_params({}, defaults=defaults)
     except RequestError as e:
         raise UsageError(str(e)) from e
-    return Job(task=args.task, model=model_folder, input_format=args.input_format, defaults=defaults,
-               seed=args.seed, max_length=args.max_length, stride=args.stride, prepend_eot=args.prepend_eot,
-               batch_size=args.batch_size)
+    return Job(
+        task=args.task,
+        model=model_folder,
+        input_format=args.input_format,
+        defaults=defaults,
+        seed=args.seed,
+        max_length=args.max_length,
+        stride=args.stride,
+        prepend_eot=args.prepend_eot,
+        batch_size=args.batch_size,
+    )
 
 
 def open_input(path: str):
@@ -390,19 +449,26 @@ def command(argv: list[str], prog: str) -> int:
     if args.output is None:
         require_stdout()
     if args.ray is not None and importlib.util.find_spec("ray") is None:
-        raise UsageError("--ray needs Ray Data, which is not installed: pip install \"gpt2np[ray]\"")
+        raise UsageError('--ray needs Ray Data, which is not installed: pip install "gpt2np[ray]"')
     folder = resolve_model(args.model, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet)
     job = make_job(args, folder)
     check_ctrl_c()
     with open_input(args.input) as source, open_output(args.output) as out:
         try:
-            summary = run_batch(job, source, out, resume_from=Path(args.output) if args.output else None,
-                                workers=args.workers, ray_address=args.ray, progress=not args.quiet)
+            summary = run_batch(
+                job,
+                source,
+                out,
+                resume_from=Path(args.output) if args.output else None,
+                workers=args.workers,
+                ray_address=args.ray,
+                progress=not args.quiet,
+            )
         except (ResumeError, ModelLoadError) as e:
             raise UsageError(str(e)) from e
     failed = summary.failed + summary.failed_in_output
     if failed and not args.quiet:
-        note(prog, f"{failed} line{'s' if failed != 1 else ''} failed: their records carry an \"error\"")
+        note(prog, f'{failed} line{"s" if failed != 1 else ""} failed: their records carry an "error"')
     return EXIT_LINES_FAILED if failed else 0
 
 

@@ -60,12 +60,19 @@ def map_records(dataset, job: Job, *, actors: int, worker_class=RayWorker, cpus_
     """The dataset of chunks ({"index", "chunk"} rows) mapped to their records by `actors` actors of
     `worker_class`. An actor that dies is restarted and its chunk run again (Ray Data's actor pools
     default to max_restarts=-1 and max_task_retries=-1): Ray keeps the result of the run that finished."""
-    return dataset.map_batches(worker_class, fn_constructor_args=(job,), batch_size=1, batch_format="numpy",
-                               concurrency=actors, num_cpus=cpus_per_actor)
+    return dataset.map_batches(
+        worker_class,
+        fn_constructor_args=(job,),
+        batch_size=1,
+        batch_format="numpy",
+        concurrency=actors,
+        num_cpus=cpus_per_actor,
+    )
 
 
-def ray_results(job: Job, chunks: Iterable[list[Line]], *, address: str, actors: int,
-                progress: bool = True, worker_class=RayWorker) -> Iterator[list[dict]]:
+def ray_results(
+    job: Job, chunks: Iterable[list[Line]], *, address: str, actors: int, progress: bool = True, worker_class=RayWorker
+) -> Iterator[list[dict]]:
     """Records chunk by chunk, in input order, from a Ray cluster at `address` ("" or "local": a
     local instance; a Ray instance already running in this process is used as it is). The chunks
     are gathered into one dataset first: the driver holds the pending input's text."""
@@ -113,6 +120,10 @@ def connect(address: str, *, progress: bool) -> bool:
             logging.getLogger(name).setLevel(logging.ERROR)
     if ray.is_initialized():
         return False
-    ray.init(address=address or "local", include_dashboard=False, log_to_driver=progress,
-             logging_level=logging.INFO if progress else logging.ERROR)
+    ray.init(
+        address=address or "local",
+        include_dashboard=False,
+        log_to_driver=progress,
+        logging_level=logging.INFO if progress else logging.ERROR,
+    )
     return True

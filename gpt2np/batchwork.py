@@ -261,8 +261,10 @@ def score_ids(model, job: Job, line: Line) -> list[int]:
     if job.prepend_eot:
         ids = [model.tokenizer.eot_token] + ids
     if len(ids) < 2:
-        raise LineError(f"line {line.number}: the text has {len(ids)} token(s), at least 2 are needed (the first "
-                        "is context only); pass --prepend-eot to score the first token too")
+        raise LineError(
+            f"line {line.number}: the text has {len(ids)} token(s), at least 2 are needed (the first "
+            "is context only); pass --prepend-eot to score the first token too"
+        )
     return ids
 
 
@@ -299,8 +301,13 @@ def score_record(model, id_, ids: list[int], logprob_sum: float) -> dict:
     tokens = len(ids) - 1
     n_bytes = len(model.tokenizer.decode_bytes(ids[1:]))
     nll = -logprob_sum
-    return {"id": id_, "tokens": tokens, "logprob_sum": logprob_sum, "ppl": _exp(nll / tokens),
-            "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else None}
+    return {
+        "id": id_,
+        "tokens": tokens,
+        "logprob_sum": logprob_sum,
+        "ppl": _exp(nll / tokens),
+        "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else None,
+    }
 
 
 def _exp(x: float) -> float:

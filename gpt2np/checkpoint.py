@@ -41,13 +41,19 @@ def expected_shapes(config: GPT2Config) -> dict[str, tuple[int, ...]]:
     shapes = {"wte.weight": (V, C), "wpe.weight": (config.n_ctx, C), "ln_f.weight": (C,), "ln_f.bias": (C,)}
     for i in range(config.n_layer):
         shapes |= {
-            f"h.{i}.ln_1.weight": (C,), f"h.{i}.ln_1.bias": (C,),
-            f"h.{i}.attn.c_attn.weight": (C, 3 * C), f"h.{i}.attn.c_attn.bias": (3 * C,),
-            f"h.{i}.attn.c_proj.weight": (C, C), f"h.{i}.attn.c_proj.bias": (C,),
-            f"h.{i}.ln_2.weight": (C,), f"h.{i}.ln_2.bias": (C,),
-            f"h.{i}.mlp.c_fc.weight": (C, F), f"h.{i}.mlp.c_fc.bias": (F,),
-            f"h.{i}.mlp.c_proj.weight": (F, C), f"h.{i}.mlp.c_proj.bias": (C,),
-        }  # fmt: skip
+            f"h.{i}.ln_1.weight": (C,),
+            f"h.{i}.ln_1.bias": (C,),
+            f"h.{i}.attn.c_attn.weight": (C, 3 * C),
+            f"h.{i}.attn.c_attn.bias": (3 * C,),
+            f"h.{i}.attn.c_proj.weight": (C, C),
+            f"h.{i}.attn.c_proj.bias": (C,),
+            f"h.{i}.ln_2.weight": (C,),
+            f"h.{i}.ln_2.bias": (C,),
+            f"h.{i}.mlp.c_fc.weight": (C, F),
+            f"h.{i}.mlp.c_fc.bias": (F,),
+            f"h.{i}.mlp.c_proj.weight": (F, C),
+            f"h.{i}.mlp.c_proj.bias": (C,),
+        }
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (V, C)
     return shapes
@@ -119,7 +125,9 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; expected F32, F16 or BF16")
             begin, end = info["data_offsets"]
             f.seek(data_start + begin)
-            raw = np.fromfile(f, dtype=_DTYPES[info["dtype"]], count=(end - begin) // np.dtype(_DTYPES[info["dtype"]]).itemsize)
+            raw = np.fromfile(
+                f, dtype=_DTYPES[info["dtype"]], count=(end - begin) // np.dtype(_DTYPES[info["dtype"]]).itemsize
+            )
             tensors[name] = _to_float32(raw, info["dtype"]).reshape(info["shape"])
     return tensors
 
@@ -141,8 +149,11 @@ def load_state_dict(folder: str | os.PathLike, config: GPT2Config) -> dict[str, 
     expected = expected_shapes(config)
     missing = sorted(set(expected) - set(state), key=_natural)
     unexpected = sorted(set(state) - set(expected), key=_natural)
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {expected[k]})" for k in sorted(set(expected) & set(state), key=_natural)
-             if tuple(state[k].shape) != expected[k]]  # fmt: skip
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {expected[k]})"
+        for k in sorted(set(expected) & set(state), key=_natural)
+        if tuple(state[k].shape) != expected[k]
+    ]
     problems = []
     if missing:
         problems.append(f"missing tensors: {', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}")
@@ -212,7 +223,9 @@ def save_checkpoint(folder: str | os.PathLike, config: GPT2Config, state: dict[s
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / CONFIG_NAME).write_text(json.dumps(config.to_dict(), indent=2))
-    save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in state.items()}, str(folder / WEIGHTS_NAME), metadata={"format": "pt"}
+    )
 
 
 def random_state_dict(config: GPT2Config, *, seed: int = 0, std: float = 0.02) -> dict[str, np.ndarray]:

@@ -120,8 +120,10 @@ def module_command(command: str, argv: list[str]) -> int:
     except ModuleNotFoundError as e:
         if e.name != name:  # the module exists but lacks a dependency: that is its own error
             raise
-        raise UsageError(f"the '{command}' command is not available: this gpt2np has no {name} module; "
-                         "update gpt2np, or use 'generate' or 'download'") from e  # fmt: skip
+        raise UsageError(
+            f"the '{command}' command is not available: this gpt2np has no {name} module; "
+            "update gpt2np, or use 'generate' or 'download'"
+        ) from e
     status = module.main(argv)
     return EXIT_OK if status is None else status
 
@@ -169,32 +171,61 @@ exit status:
   0 done, 2 bad input (a flag, the request, the model, a prompt too long), 130 interrupted
   (Ctrl-C), 1 internal error or output that cannot be written (a full disk, a closed stdout).
 """
-    parser = ArgumentParser(prog=prog, description="Continue a prompt with GPT-2 and print the text.",
-                            epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter,
-                            allow_abbrev=False)  # fmt: skip
-    parser.add_argument("prompt", nargs="?", metavar="PROMPT",
-                        help="the text to continue; '-' or no PROMPT reads it from stdin when stdin is not a "
-                             "terminal (one final newline is dropped); '' asks for text from nothing")  # fmt: skip
-    parser.add_argument("--model", default="gpt2", metavar="NAME_OR_FOLDER",
-                        help="a hub repo id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, org/name) or a "
-                             "checkpoint folder (default: %(default)s)")  # fmt: skip
+    parser = ArgumentParser(
+        prog=prog,
+        description="Continue a prompt with GPT-2 and print the text.",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    parser.add_argument(
+        "prompt",
+        nargs="?",
+        metavar="PROMPT",
+        help="the text to continue; '-' or no PROMPT reads it from stdin when stdin is not a "
+        "terminal (one final newline is dropped); '' asks for text from nothing",
+    )
+    parser.add_argument(
+        "--model",
+        default="gpt2",
+        metavar="NAME_OR_FOLDER",
+        help="a hub repo id (gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2, org/name) or a "
+        "checkpoint folder (default: %(default)s)",
+    )
     add_hub_arguments(parser)
     g = parser.add_argument_group("generation")
     add_generation_arguments(g)
-    g.add_argument("--truncate-prompt", action="store_true",
-                   help="when the prompt and --max-new-tokens do not fit the model's context, keep the prompt's "
-                        "last tokens instead of failing (default: fail)")  # fmt: skip
+    g.add_argument(
+        "--truncate-prompt",
+        action="store_true",
+        help="when the prompt and --max-new-tokens do not fit the model's context, keep the prompt's "
+        "last tokens instead of failing (default: fail)",
+    )
     o = parser.add_argument_group("output")
-    o.add_argument("--no-full-text", action="store_true",
-                   help="print only the new text, not the prompt before it (return_full_text off) "
-                        "(default: prompt and new text)")  # fmt: skip
-    o.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
-                   help="generate N samples of the prompt (default: %(default)s)")
-    o.add_argument("--stream", action=argparse.BooleanOptionalAction, default=None,
-                   help="print the text as it is generated (default: on when stdout is a terminal)")
-    o.add_argument("--json", metavar="FILE",
-                   help="read a request in the model card endpoint's format from FILE ('-' for stdin) and print "
-                        "the answer as a JSON list of strings (default: none)")  # fmt: skip
+    o.add_argument(
+        "--no-full-text",
+        action="store_true",
+        help="print only the new text, not the prompt before it (return_full_text off) (default: prompt and new text)",
+    )
+    o.add_argument(
+        "--num-samples",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="generate N samples of the prompt (default: %(default)s)",
+    )
+    o.add_argument(
+        "--stream",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="print the text as it is generated (default: on when stdout is a terminal)",
+    )
+    o.add_argument(
+        "--json",
+        metavar="FILE",
+        help="read a request in the model card endpoint's format from FILE ('-' for stdin) and print "
+        "the answer as a JSON list of strings (default: none)",
+    )
     o.add_argument("--quiet", action="store_true", help="no progress bars or notes on stderr (default: show them)")
     add_debug_argument(o)
     return parser
@@ -205,34 +236,83 @@ def add_generation_arguments(g) -> None:
     from .sampling import GenerationOptions
 
     d = GenerationOptions()
-    g.add_argument("--max-new-tokens", type=positive_int, default=d.max_new_tokens, metavar="N",
-                   help="generate at most N tokens (default: %(default)s)")  # fmt: skip
-    g.add_argument("--temperature", type=non_negative_float, default=d.temperature, metavar="T",
-                   help="sampling temperature, > 0; lower is more predictable (default: %(default)s)")  # fmt: skip
-    g.add_argument("--top-p", type=probability, default=d.top_p, metavar="P",
-                   help="nucleus sampling: draw from the most likely tokens that together reach probability P, "
-                        "in (0, 1]; 1 turns it off (default: %(default)s)")  # fmt: skip
-    g.add_argument("--top-k", type=positive_int, default=d.top_k, metavar="K",
-                   help=f"draw only from the K most likely tokens (default: {d.top_k or 'off'})")
-    g.add_argument("--repetition-penalty", type=positive_float, default=d.repetition_penalty, metavar="R",
-                   help="R > 1 makes tokens already in the text less likely; 1 turns it off (default: %(default)s)")
-    g.add_argument("--greedy", dest="do_sample", action="store_false", default=d.do_sample,
-                   help="always take the most likely token (do_sample off: --temperature, --top-k and --top-p "
-                        f"are not used) (default: {'sample' if d.do_sample else 'greedy'})")  # fmt: skip
-    g.add_argument("--seed", type=non_negative_int, default=None, metavar="N",
-                   help="random seed: the same seed and options give the same text (default: a new seed each run)")
-    g.add_argument("--stop", action="append", type=stop_text, default=None, metavar="TEXT",
-                   help="end the text before the first TEXT; repeatable; \\n, \\t, \\r and \\\\ are understood "
-                        "(default: none)")  # fmt: skip
-    g.add_argument("--ignore-eos", action="store_true", default=d.ignore_eos,
-                   help="keep generating past the end-of-text token (default: stop there)")
+    g.add_argument(
+        "--max-new-tokens",
+        type=positive_int,
+        default=d.max_new_tokens,
+        metavar="N",
+        help="generate at most N tokens (default: %(default)s)",
+    )
+    g.add_argument(
+        "--temperature",
+        type=non_negative_float,
+        default=d.temperature,
+        metavar="T",
+        help="sampling temperature, > 0; lower is more predictable (default: %(default)s)",
+    )
+    g.add_argument(
+        "--top-p",
+        type=probability,
+        default=d.top_p,
+        metavar="P",
+        help="nucleus sampling: draw from the most likely tokens that together reach probability P, "
+        "in (0, 1]; 1 turns it off (default: %(default)s)",
+    )
+    g.add_argument(
+        "--top-k",
+        type=positive_int,
+        default=d.top_k,
+        metavar="K",
+        help=f"draw only from the K most likely tokens (default: {d.top_k or 'off'})",
+    )
+    g.add_argument(
+        "--repetition-penalty",
+        type=positive_float,
+        default=d.repetition_penalty,
+        metavar="R",
+        help="R > 1 makes tokens already in the text less likely; 1 turns it off (default: %(default)s)",
+    )
+    g.add_argument(
+        "--greedy",
+        dest="do_sample",
+        action="store_false",
+        default=d.do_sample,
+        help="always take the most likely token (do_sample off: --temperature, --top-k and --top-p "
+        f"are not used) (default: {'sample' if d.do_sample else 'greedy'})",
+    )
+    g.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=None,
+        metavar="N",
+        help="random seed: the same seed and options give the same text (default: a new seed each run)",
+    )
+    g.add_argument(
+        "--stop",
+        action="append",
+        type=stop_text,
+        default=None,
+        metavar="TEXT",
+        help="end the text before the first TEXT; repeatable; \\n, \\t, \\r and \\\\ are understood (default: none)",
+    )
+    g.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        default=d.ignore_eos,
+        help="keep generating past the end-of-text token (default: stop there)",
+    )
 
 
 def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--revision", default="main", metavar="REV",
-                        help="the hub branch, tag or commit (default: %(default)s)")
-    parser.add_argument("--cache-dir", default=None, metavar="DIR",
-                        help="the hub cache (default: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)")
+    parser.add_argument(
+        "--revision", default="main", metavar="REV", help="the hub branch, tag or commit (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--cache-dir",
+        default=None,
+        metavar="DIR",
+        help="the hub cache (default: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)",
+    )
 
 
 def check_generate_args(args: argparse.Namespace) -> None:
@@ -247,9 +327,18 @@ def check_generate_args(args: argparse.Namespace) -> None:
 
 def generation_kwargs(args: argparse.Namespace) -> dict:
     """The keyword arguments of GPT2.generate, as the flags set them."""
-    return dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
-                top_p=args.top_p, top_k=args.top_k, repetition_penalty=args.repetition_penalty, stop=args.stop,
-                seed=args.seed, ignore_eos=args.ignore_eos, return_full_text=not args.no_full_text)  # fmt: skip
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        do_sample=args.do_sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+        return_full_text=not args.no_full_text,
+    )
 
 
 def flags_request(args: argparse.Namespace):
@@ -281,12 +370,14 @@ def read_prompt(prompt: str | None) -> str:
     if prompt is not None and prompt != "-":
         return prompt
     if prompt is None and (sys.stdin is None or sys.stdin.isatty()):
-        raise UsageError('no prompt: pass one as an argument (e.g. "Once upon a time"), pipe it on stdin, '
-                         "or pass --json FILE")  # fmt: skip
+        raise UsageError(
+            'no prompt: pass one as an argument (e.g. "Once upon a time"), pipe it on stdin, or pass --json FILE'
+        )
     text = read_stdin("the prompt")
     if not text:
-        raise UsageError("stdin was empty: pipe a prompt in, or pass one as an argument "
-                         "('' asks for text from nothing)")
+        raise UsageError(
+            "stdin was empty: pipe a prompt in, or pass one as an argument ('' asks for text from nothing)"
+        )
     return text.removesuffix("\n").removesuffix("\r")  # the newline `echo` adds is not part of the prompt
 
 
@@ -301,8 +392,10 @@ def read_stdin(what: str) -> str:
     try:
         return sys.stdin.read()
     except UnicodeDecodeError as e:
-        raise UsageError(f"{what} on stdin is not text in the {e.encoding} encoding ({e.reason}); "
-                         "pass UTF-8 text, or set PYTHONIOENCODING") from e  # fmt: skip
+        raise UsageError(
+            f"{what} on stdin is not text in the {e.encoding} encoding ({e.reason}); "
+            "pass UTF-8 text, or set PYTHONIOENCODING"
+        ) from e
 
 
 def read_request(path: str, args: argparse.Namespace):
@@ -323,8 +416,9 @@ def read_request_file(path: str) -> str:
         with open(path, encoding="utf-8") as f:
             return f.read()
     except FileNotFoundError:
-        raise UsageError(f"--json {path}: no such file; pass the path of a request file, "
-                         "or - to read it from stdin") from None
+        raise UsageError(
+            f"--json {path}: no such file; pass the path of a request file, or - to read it from stdin"
+        ) from None
     except UnicodeDecodeError as e:
         raise UsageError(f"--json {path}: not UTF-8 text ({e.reason}); save the request as UTF-8 JSON") from e
     except OSError as e:
@@ -343,8 +437,11 @@ def fit_prompts(model, request, args: argparse.Namespace, *, prog: str) -> list[
         text = fit_prompt(model, prompt, max_new_tokens, truncate=args.truncate_prompt, name=name, limit=limit)
         if text is not prompt and not args.quiet:
             n_ctx, kept = model.config.n_ctx, len(model.tokenizer.encode(text, allowed_special="all"))
-            note(prog, f"{name} is too long: kept its last {kept} tokens, so that {limit} {max_new_tokens} "
-                       f"fits the {n_ctx}-token context")  # fmt: skip
+            note(
+                prog,
+                f"{name} is too long: kept its last {kept} tokens, so that {limit} {max_new_tokens} "
+                f"fits the {n_ctx}-token context",
+            )
         fitted.append(text)
     return fitted
 
@@ -358,8 +455,10 @@ def fit_prompt(model, prompt: str, max_new_tokens: int, *, truncate: bool, name:
     n_ctx = model.config.n_ctx
     budget = n_ctx - max_new_tokens  # the prompt tokens that fit
     if truncate and budget < 1:
-        raise UsageError(f"{limit} {max_new_tokens} leaves no room for a prompt in the model's {n_ctx}-token "
-                         f"context, however short; use at most {n_ctx - 1}")  # fmt: skip
+        raise UsageError(
+            f"{limit} {max_new_tokens} leaves no room for a prompt in the model's {n_ctx}-token "
+            f"context, however short; use at most {n_ctx - 1}"
+        )
     (ids,) = prepare_prompts(model.tokenizer, [prompt], bos=model.config.bos_token_id)  # as generate encodes it
     try:
         check_fits(len(ids), max_new_tokens, n_ctx, what=name, limit=limit)
@@ -424,13 +523,20 @@ def print_json_answer(model, prompts: list[str], request, n: int, *, out) -> Non
 # ---------------------------------------------------------------------------------------- download
 def download_command(argv: list[str], *, prog: str) -> int:
     """`gpt2np download`: fetch a checkpoint into the hub cache and print its snapshot folder."""
-    parser = ArgumentParser(prog=prog, allow_abbrev=False,
-                            description="Download a GPT-2 checkpoint into the HuggingFace hub cache and print "
-                                        "its folder (files already there are not fetched again). A token for "
-                                        "private or gated repos is read from $HF_TOKEN.")  # fmt: skip
-    parser.add_argument("model", nargs="?", default="gpt2", metavar="MODEL",
-                        help="a hub repo id: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2 or org/name "
-                             "(default: %(default)s)")  # fmt: skip
+    parser = ArgumentParser(
+        prog=prog,
+        allow_abbrev=False,
+        description="Download a GPT-2 checkpoint into the HuggingFace hub cache and print "
+        "its folder (files already there are not fetched again). A token for "
+        "private or gated repos is read from $HF_TOKEN.",
+    )
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default="gpt2",
+        metavar="MODEL",
+        help="a hub repo id: gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2 or org/name (default: %(default)s)",
+    )
     add_hub_arguments(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bars (default: show them)")
     add_debug_argument(parser)
@@ -438,8 +544,9 @@ def download_command(argv: list[str], *, prog: str) -> int:
     from .hub import snapshot_download
 
     try:
-        folder = snapshot_download(args.model, revision=args.revision, cache_dir=args.cache_dir,
-                                   progress=not args.quiet)
+        folder = snapshot_download(
+            args.model, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet
+        )
     except (ValueError, OSError) as e:  # the hub's errors are OSErrors
         raise UsageError(f"cannot download {args.model!r}: {one_line(e)}") from e
     print(folder)

@@ -45,10 +45,30 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's
 MAX_STOP = 4  # stop strings, OpenAI's limit
 MAX_N = 128  # choices per prompt, OpenAI's limit
 MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
-FIELDS = ("model", "prompt", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options",
-          "logprobs", "echo", "presence_penalty", "frequency_penalty", "logit_bias", "user", "best_of", "suffix")
-NO_CHAT = ("GPT-2 has no chat template: it was trained on web text, not on conversations, so no messages format "
-           "is its own; send the conversation as text to POST /v1/completions")
+FIELDS = (
+    "model",
+    "prompt",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "n",
+    "stop",
+    "seed",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "echo",
+    "presence_penalty",
+    "frequency_penalty",
+    "logit_bias",
+    "user",
+    "best_of",
+    "suffix",
+)
+NO_CHAT = (
+    "GPT-2 has no chat template: it was trained on web text, not on conversations, so no messages format "
+    "is its own; send the conversation as text to POST /v1/completions"
+)
 
 
 class CompletionError(Exception):
@@ -109,8 +129,15 @@ def _field(data: dict, name: str, check, expected: str, default=None):
     return value
 
 
-def parse_completion(body: bytes, model, *, served: str, max_tokens_cap: int | None = None,
-                     max_prompts: int | None = None, max_token_bytes: int | None = None) -> CompletionRequest:
+def parse_completion(
+    body: bytes,
+    model,
+    *,
+    served: str,
+    max_tokens_cap: int | None = None,
+    max_prompts: int | None = None,
+    max_token_bytes: int | None = None,
+) -> CompletionRequest:
     """A request body, checked against OpenAI's schema and this model: a CompletionRequest, or a
     CompletionError naming the field (400), or the model (404)."""
     try:
@@ -133,8 +160,18 @@ def parse_completion(body: bytes, model, *, served: str, max_tokens_cap: int | N
         raise _bad("max_tokens" if e.field == "max_new_tokens" else e.field, e.rule) from None
     _check_size(data.get("prompt"), n, model.config.n_ctx, max_prompts, max_token_bytes)
     prompts = _prompts(data.get("prompt"), model)  # tokenized last: a request refused for its fields costs little
-    request = CompletionRequest(prompts, max_tokens, options, adjust, n, seed, stream, _include_usage(data, stream),
-                                logprobs, _field(data, "echo", lambda v: isinstance(v, bool), "true or false", False))
+    request = CompletionRequest(
+        prompts,
+        max_tokens,
+        options,
+        adjust,
+        n,
+        seed,
+        stream,
+        _include_usage(data, stream),
+        logprobs,
+        _field(data, "echo", lambda v: isinstance(v, bool), "true or false", False),
+    )
     _check_lengths(request, model)
     return request
 
@@ -143,8 +180,9 @@ def _check_keys(data: dict, served: str) -> None:
     """Unknown fields, the model, and the fields this server does not implement."""
     unknown = [k for k in data if k not in FIELDS]
     if unknown:
-        raise CompletionError(400, f"unknown field {_shown(unknown[0])}; the fields are {', '.join(FIELDS)}",
-                              param=str(unknown[0]))
+        raise CompletionError(
+            400, f"unknown field {_shown(unknown[0])}; the fields are {', '.join(FIELDS)}", param=str(unknown[0])
+        )
     model = data.get("model")
     if not isinstance(model, str):
         raise _bad("model", f"must be the served model's name, {_shown(served)} (GET /v1/models), got {_shown(model)}")
@@ -165,8 +203,12 @@ def _check_size(value, n: int, n_ctx: int, max_prompts: int | None, max_token_by
     many = isinstance(value, list) and value and not all(_is_integer(t) for t in value)
     rows = (len(value) if many else 1) * n
     if max_prompts is not None and rows > max_prompts:
-        raise CompletionError(400, f"prompt and n ask for {rows} completions; this server makes at most {max_prompts} "
-                                   "per request (its --max-prompts): split them over several requests", param="prompt")
+        raise CompletionError(
+            400,
+            f"prompt and n ask for {rows} completions; this server makes at most {max_prompts} "
+            "per request (its --max-prompts): split them over several requests",
+            param="prompt",
+        )
     for i, text in enumerate(texts):
         if isinstance(text, str) and max_token_bytes is not None:
             field = "prompt" if isinstance(value, str) else f"prompt[{i}]"
@@ -233,8 +275,13 @@ def _options(data: dict, max_tokens: int) -> GenerationOptions | None:
         raise _bad("stop", f"must be a non-empty string or a list of at most {MAX_STOP} of them, got {_shown(stop)}")
     if max_tokens == 0:
         return None
-    return GenerationOptions(max_new_tokens=max_tokens, do_sample=temperature > 0, temperature=temperature or 1.0,
-                             top_p=top_p, stop=tuple(stop))
+    return GenerationOptions(
+        max_new_tokens=max_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature or 1.0,
+        top_p=top_p,
+        stop=tuple(stop),
+    )
 
 
 def _adjustments(data: dict) -> LogitAdjustments:
@@ -324,8 +371,9 @@ def prompt_part(model, ids: list[int], logprobs: int | None) -> PromptPart:
     entries = [Entry(token_text(tokenizer, ids[0]), None, None, 0)]
     for i, token in enumerate(ids[1:]):
         name, lp = token_text(tokenizer, token), float(scored.log_probs[i])
-        entries.append(Entry(name, lp, _top(tokenizer, scored.top_ids[i], scored.top_log_probs[i], name, lp),
-                             offsets[i + 1]))
+        entries.append(
+            Entry(name, lp, _top(tokenizer, scored.top_ids[i], scored.top_log_probs[i], name, lp), offsets[i + 1])
+        )
     return PromptPart(text, entries)
 
 
@@ -347,8 +395,11 @@ class CompletionText(RowText):
             if row.logprobs is not None:
                 lp = row.log_probs[-1]
                 name = token_text(self.tokenizer, token)
-                self.entries.append(Entry(name, lp.log_prob, _top(self.tokenizer, lp.top_ids, lp.top_log_probs, name,
-                                                                  lp.log_prob), start))
+                self.entries.append(
+                    Entry(
+                        name, lp.log_prob, _top(self.tokenizer, lp.top_ids, lp.top_log_probs, name, lp.log_prob), start
+                    )
+                )
             job.changes += 1
             job.changed.notify_all()
         return stopped
@@ -384,8 +435,11 @@ class CompletionJob:
     def __init__(self, request: CompletionRequest, model):
         n = request.n
         rngs = row_generators(request.seed, len(request.prompts) * n)
-        self.rows = [CompletionRow(self, i * n + j, ids, request, rngs[i * n + j], model)
-                     for i, ids in enumerate(request.prompts) for j in range(n)]
+        self.rows = [
+            CompletionRow(self, i * n + j, ids, request, rngs[i * n + j], model)
+            for i, ids in enumerate(request.prompts)
+            for j in range(n)
+        ]
         self.n_admitted = 0  # rows handed to the batch so far
         self.n_unfinished = len(self.rows)
         self.done = threading.Event()
@@ -430,16 +484,29 @@ class CompletionJob:
 class CompletionsAPI:
     """The completions API of one served model: requests checked, jobs made, answers built."""
 
-    def __init__(self, model, model_name: str, *, max_tokens_cap: int | None = None, max_prompts: int | None = None,
-                 max_token_bytes: int | None = None):
+    def __init__(
+        self,
+        model,
+        model_name: str,
+        *,
+        max_tokens_cap: int | None = None,
+        max_prompts: int | None = None,
+        max_token_bytes: int | None = None,
+    ):
         self.model, self.model_name, self.max_tokens_cap = model, model_name, max_tokens_cap
         self.max_prompts, self.max_token_bytes = max_prompts, max_token_bytes
         self.created = int(time.time())
         self._scoring = threading.Lock()
 
     def parse(self, body: bytes) -> CompletionRequest:
-        return parse_completion(body, self.model, served=self.model_name, max_tokens_cap=self.max_tokens_cap,
-                                max_prompts=self.max_prompts, max_token_bytes=self.max_token_bytes)
+        return parse_completion(
+            body,
+            self.model,
+            served=self.model_name,
+            max_tokens_cap=self.max_tokens_cap,
+            max_prompts=self.max_prompts,
+            max_token_bytes=self.max_token_bytes,
+        )
 
     def prompt_parts(self, request: CompletionRequest) -> list[PromptPart]:
         """Each prompt's text (offsets count from it) and, to echo with logprobs, its scores; scoring
@@ -461,13 +528,21 @@ class CompletionsAPI:
         """The whole response, once the job is done."""
         answer = _Answer(self.model_name)
         echoed = [part.text if request.echo else "" for part in parts]
-        choices = [answer.choice(i * request.n + j, echoed[i] + (row.text.text if row else ""),
-                                 _logprobs(request, part, row), row.finish_reason if row else "length")
-                   for i, part in enumerate(parts) for j, row in enumerate(_rows_of(job, i, request.n))]
+        choices = [
+            answer.choice(
+                i * request.n + j,
+                echoed[i] + (row.text.text if row else ""),
+                _logprobs(request, part, row),
+                row.finish_reason if row else "length",
+            )
+            for i, part in enumerate(parts)
+            for j, row in enumerate(_rows_of(job, i, request.n))
+        ]
         return answer.body(choices, usage=_usage(request, job))
 
-    def stream(self, request: CompletionRequest, job: CompletionJob | None,
-               parts: list[PromptPart]) -> CompletionStream:
+    def stream(
+        self, request: CompletionRequest, job: CompletionJob | None, parts: list[PromptPart]
+    ) -> CompletionStream:
         return CompletionStream(request, job, parts, _Answer(self.model_name))
 
 
@@ -486,23 +561,34 @@ def _logprobs(request: CompletionRequest, part: PromptPart, row: CompletionRow |
 
 def _logprobs_body(entries: Sequence[Entry]) -> dict:
     """OpenAI's `logprobs` object."""
-    return {"tokens": [e.token for e in entries], "token_logprobs": [e.log_prob for e in entries],
-            "top_logprobs": [e.top for e in entries], "text_offset": [e.offset for e in entries]}
+    return {
+        "tokens": [e.token for e in entries],
+        "token_logprobs": [e.log_prob for e in entries],
+        "top_logprobs": [e.top for e in entries],
+        "text_offset": [e.offset for e in entries],
+    }
 
 
 def _usage(request: CompletionRequest, job: CompletionJob | None) -> dict:
     prompt_tokens = sum(len(ids) for ids in request.prompts)
     completion_tokens = 0 if job is None else job.new_tokens
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 class _Answer:
     """What every object of one response shares: its id, creation time and model."""
 
     def __init__(self, model_name: str):
-        self.head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                     "model": model_name}
+        self.head = {
+            "id": f"cmpl-{uuid.uuid4().hex}",
+            "object": "text_completion",
+            "created": int(time.time()),
+            "model": model_name,
+        }
 
     def choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
         return {"text": text, "index": index, "logprobs": logprobs, "finish_reason": finish_reason}
@@ -522,8 +608,7 @@ class CompletionStream:
     piece of text decided since the last look (`take`), a choice's finish_reason with its last piece,
     and `data: [DONE]` (`close`). A job that fails mid-way ends the stream with an error event."""
 
-    def __init__(self, request: CompletionRequest, job: CompletionJob | None, parts: list[PromptPart],
-                 answer: _Answer):
+    def __init__(self, request: CompletionRequest, job: CompletionJob | None, parts: list[PromptPart], answer: _Answer):
         self.request, self.job, self.parts, self.answer = request, job, parts, answer
         self.ended = job is None
         self.failed = False

@@ -50,22 +50,29 @@ from .model import causal_mask, gpt2, lm_head
 from .sampling import GenerationOptions, LogitAdjustments, RowSampler, log_softmax_top
 
 
-def check_fits(n_prompt: int, max_new_tokens: int, n_ctx: int, *, what: str = "the prompt",
-               limit: str = "max_new_tokens") -> None:  # fmt: skip
+def check_fits(
+    n_prompt: int, max_new_tokens: int, n_ctx: int, *, what: str = "the prompt", limit: str = "max_new_tokens"
+) -> None:
     """The context rule, stated once: a prompt and the tokens generated after it must fit the
     model's context. Raises a ValueError naming both numbers and the fix; `what` names the prompt
     and `limit` the option as the caller's user spells them."""
     tokens = f"{n_prompt} token{'s' if n_prompt != 1 else ''}"
     room = n_ctx - max_new_tokens  # the longest prompt that fits with max_new_tokens
     if n_prompt >= n_ctx:  # only a shorter prompt can fit
-        fix = (f"shorten it to at most {room} tokens (with {limit} {max_new_tokens})" if room >= 1 else
-               f"shorten it and lower {limit}: together they may take {n_ctx} tokens")  # fmt: skip
-        raise ValueError(f"{what} is {tokens}, which leaves no room to generate in the model's {n_ctx}-token "
-                         f"context; {fix}")  # fmt: skip
+        fix = (
+            f"shorten it to at most {room} tokens (with {limit} {max_new_tokens})"
+            if room >= 1
+            else f"shorten it and lower {limit}: together they may take {n_ctx} tokens"
+        )
+        raise ValueError(
+            f"{what} is {tokens}, which leaves no room to generate in the model's {n_ctx}-token context; {fix}"
+        )
     if n_prompt > room:
         shorter = f" or shorten the prompt to {room} tokens" if room >= 1 else ""
-        raise ValueError(f"{what} is {tokens} and {limit} is {max_new_tokens}, more than the model's "
-                         f"{n_ctx}-token context together; lower {limit} to {n_ctx - n_prompt}{shorter}")  # fmt: skip
+        raise ValueError(
+            f"{what} is {tokens} and {limit} is {max_new_tokens}, more than the model's "
+            f"{n_ctx}-token context together; lower {limit} to {n_ctx - n_prompt}{shorter}"
+        )
 
 
 def left_pad(prompts: Sequence[Sequence[int]]):  # B prompts -> [B, L] ids, [B, L] valid, [B, L] positions
@@ -110,8 +117,9 @@ def hidden_states(model, ids) -> np.ndarray:  # [B, L] -> [B, L, C]
     return gpt2(ids, positions, model.params, model.config, mask=mask)
 
 
-def continuation_states(model, context: Sequence[int], targets: Sequence[Sequence[int]], *,
-                        batch_size: int) -> Iterator[tuple[int, list[np.ndarray]]]:  # fmt: skip
+def continuation_states(
+    model, context: Sequence[int], targets: Sequence[Sequence[int]], *, batch_size: int
+) -> Iterator[tuple[int, list[np.ndarray]]]:
     """The hidden states that predict each target's tokens after a shared context, the context run
     once: per batch of targets, (how many, [per target: [len(target), C]]).
 
@@ -125,8 +133,15 @@ def continuation_states(model, context: Sequence[int], targets: Sequence[Sequenc
     S = P + max(len(t) for t in targets) - 1  # a target's last token is predicted, never read
     rows = min(batch_size, len(targets))
     cache = new_cache(config, rows, S)
-    x = gpt2(np.asarray(context, dtype=np.intp)[None], np.arange(P)[None], model.params, config,
-             mask=causal_mask(np.ones((1, P), dtype=bool), 0, P), kv_cache=cache[:, :, :1], start=0)  # fmt: skip
+    x = gpt2(
+        np.asarray(context, dtype=np.intp)[None],
+        np.arange(P)[None],
+        model.params,
+        config,
+        mask=causal_mask(np.ones((1, P), dtype=bool), 0, P),
+        kv_cache=cache[:, :, :1],
+        start=0,
+    )
     last = x[0, -1]  # [C]: predicts every target's first token
     cache[:, :, 1:, :, :P] = cache[:, :, :1, :, :P]  # the context's keys and values in every row
     for s in range(0, len(targets), rows):
@@ -139,8 +154,13 @@ def continuation_states(model, context: Sequence[int], targets: Sequence[Sequenc
             positions = np.broadcast_to(np.arange(P, P + T), (B, T))
             mask = causal_mask(np.ones((B, P + T), dtype=bool), P, T)
             y = gpt2(tokens, positions, model.params, config, mask=mask, kv_cache=cache[:, :, :B], start=P)
-        yield B, [np.concatenate([last[None], y[b, : len(t) - 1]]) if len(t) > 1 else last[None]
-                  for b, t in enumerate(batch)]  # fmt: skip
+        yield (
+            B,
+            [
+                np.concatenate([last[None], y[b, : len(t) - 1]]) if len(t) > 1 else last[None]
+                for b, t in enumerate(batch)
+            ],
+        )
 
 
 # ---------------------------------------------------------------------------------------- the batch
@@ -166,8 +186,16 @@ class Row:
     and vLLM report them): what scoring the same text gives, whatever the sampler did.
     """
 
-    def __init__(self, ids: Sequence[int], options: GenerationOptions, rng: np.random.Generator, vocab_size: int,
-                 adjust: LogitAdjustments | None = None, *, logprobs: int | None = None):
+    def __init__(
+        self,
+        ids: Sequence[int],
+        options: GenerationOptions,
+        rng: np.random.Generator,
+        vocab_size: int,
+        adjust: LogitAdjustments | None = None,
+        *,
+        logprobs: int | None = None,
+    ):
         self.ids = list(ids)
         self.sampler = RowSampler(self.ids, options, rng, vocab_size, adjust)
         self.finished = False  # set by finish(): the row leaves at the next forward()
@@ -313,8 +341,9 @@ class Engine:
         if self.state is None:  # the rows are the whole batch: their cache has the room, no copy
             self.state, self.end = part, L
             return
-        part = _Part(part.rows, part.cache[:, :, :, :, :L], part.cache_rows, part.valid[:, :L], part.positions,
-                     part.logits)
+        part = _Part(
+            part.rows, part.cache[:, :, :, :, :L], part.cache_rows, part.valid[:, :L], part.positions, part.logits
+        )
         self._lay_out([self._used(range(len(self.rows))), part], pending=False)
 
     def _decode(self) -> None:
@@ -333,8 +362,9 @@ class Engine:
         s.valid[:, start] = True
         valid = s.valid[:, : start + 1]
         mask = None if valid.all() else causal_mask(valid, start, 1)  # padding to hide?
-        x = gpt2(tokens, s.positions[:, None], self.model.params, self.model.config, mask=mask,
-                 kv_cache=s.cache, start=start)  # [B, 1, C]  # fmt: skip
+        x = gpt2(
+            tokens, s.positions[:, None], self.model.params, self.model.config, mask=mask, kv_cache=s.cache, start=start
+        )  # [B, 1, C]
         s.logits = lm_head(x[:, -1], self.model.lm_head_weight)  # [B, V]
         s.positions += 1
         self.end += 1
@@ -358,8 +388,14 @@ class Engine:
         s = self.state
         valid = s.valid[idx, : self.end]
         lead = int(np.argmax(valid.any(axis=0)))  # the first column any of these rows uses
-        return _Part([s.rows[i] for i in idx], s.cache[:, :, :, :, lead : self.end], idx, valid[:, lead:],
-                     s.positions[idx], s.logits[idx])  # fmt: skip
+        return _Part(
+            [s.rows[i] for i in idx],
+            s.cache[:, :, :, :, lead : self.end],
+            idx,
+            valid[:, lead:],
+            s.positions[idx],
+            s.logits[idx],
+        )
 
     def _lay_out(self, parts: list[_Part], *, pending: bool) -> None:
         """A new cache holding every part's rows right-aligned at `end`, with room for the tokens
@@ -399,8 +435,15 @@ class _Prefill:
         b, L = self.ids.shape
         s, e = self.done, min(L, self.done + max(1, budget // b))
         mask = causal_mask(self.valid[:, :e], s, e - s)
-        x = gpt2(self.ids[:, s:e], self.positions[:, s:e], model.params, model.config, mask=mask,
-                 kv_cache=self.cache, start=s)
+        x = gpt2(
+            self.ids[:, s:e],
+            self.positions[:, s:e],
+            model.params,
+            model.config,
+            mask=mask,
+            kv_cache=self.cache,
+            start=s,
+        )
         self.done = e
         if e < L:
             return None

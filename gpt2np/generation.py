@@ -95,8 +95,9 @@ class TextRow(Row):
         return "stop" if self.sampler.ended or self.text.stopped else "length"
 
 
-def text_rows(model, prompts: Sequence[Sequence[int]], options: GenerationOptions, rngs, adjust=None, *,
-              logprobs=None) -> list[TextRow]:
+def text_rows(
+    model, prompts: Sequence[Sequence[int]], options: GenerationOptions, rngs, adjust=None, *, logprobs=None
+) -> list[TextRow]:
     return [TextRow(ids, options, rng, model, adjust, logprobs=logprobs) for ids, rng in zip(prompts, rngs)]
 
 
@@ -166,11 +167,20 @@ class Completion:
     log_probs: list[TokenLogProb] | None
 
 
-def complete(model, prompts: Sequence[Sequence[int]], options: GenerationOptions, rngs, adjust: LogitAdjustments,
-             *, logprobs: int | None) -> list[Completion]:
+def complete(
+    model,
+    prompts: Sequence[Sequence[int]],
+    options: GenerationOptions,
+    rngs,
+    adjust: LogitAdjustments,
+    *,
+    logprobs: int | None,
+) -> list[Completion]:
     """Generate for each prompt's ids, keeping ids, text, finish reason and (with `logprobs`) log-probs."""
     rows = text_rows(model, prompts, options, rngs, adjust, logprobs=logprobs)
     for _ in run(model, rows):
         pass
-    return [Completion(list(r.ids), r.new_ids, r.text.text, r.finish_reason, None if logprobs is None else r.log_probs)
-            for r in rows]
+    return [
+        Completion(list(r.ids), r.new_ids, r.text.text, r.finish_reason, None if logprobs is None else r.log_probs)
+        for r in rows
+    ]

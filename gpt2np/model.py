@@ -116,7 +116,9 @@ def causal_attention(q, k, v, mask, *, start=0, block=128):  # [B, H, T, D], [B,
     for i in range(0, T, block):
         e = min(T, i + block)
         S = start + e  # keys this block may see
-        out[:, :, i:e] = attention(q[:, :, i:e], k[:, :, :S], v[:, :, :S], None if mask is None else mask[:, :, i:e, :S])
+        out[:, :, i:e] = attention(
+            q[:, :, i:e], k[:, :, :S], v[:, :, :S], None if mask is None else mask[:, :, i:e, :S]
+        )
     return out
 
 
@@ -149,8 +151,15 @@ def ffn(x, c_fc, c_proj):  # [B, T, C] -> [B, T, C]
 
 def block(x, p, *, n_head, eps, scale, mask, kv_cache=None, start=0):  # [B, T, C] -> [B, T, C]
     """One pre-norm transformer block: two residual additions, done in place on x."""
-    x += mha(layer_norm(x, **p["ln_1"], eps=eps), **p["attn"], n_head=n_head, scale=scale, mask=mask,
-             kv_cache=kv_cache, start=start)  # fmt: skip
+    x += mha(
+        layer_norm(x, **p["ln_1"], eps=eps),
+        **p["attn"],
+        n_head=n_head,
+        scale=scale,
+        mask=mask,
+        kv_cache=kv_cache,
+        start=start,
+    )
     x += ffn(layer_norm(x, **p["ln_2"], eps=eps), **p["mlp"])
     return x
 
@@ -168,8 +177,16 @@ def gpt2(ids, positions, params, config, *, mask=None, kv_cache=None, start=0): 
     scale = 1 / math.sqrt(config.n_embd // config.n_head) if config.scale_attn_weights else 1.0  # 1/sqrt(D)
     for i, p in enumerate(params["h"]):
         layer_scale = scale / (i + 1) if config.scale_attn_by_inverse_layer_idx else scale
-        x = block(x, p, n_head=config.n_head, eps=config.layer_norm_epsilon, scale=layer_scale, mask=mask,
-                  kv_cache=None if kv_cache is None else kv_cache[i], start=start)  # fmt: skip
+        x = block(
+            x,
+            p,
+            n_head=config.n_head,
+            eps=config.layer_norm_epsilon,
+            scale=layer_scale,
+            mask=mask,
+            kv_cache=None if kv_cache is None else kv_cache[i],
+            start=start,
+        )
     return layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)
 
 

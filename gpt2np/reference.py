@@ -116,8 +116,9 @@ def gpt2(ids, params, config):  # [T] -> [T, V]
     x = params["wte"]["weight"][ids] + params["wpe"]["weight"][np.arange(T)]  # [T, C]
     mask = causal_mask(T, x.dtype)  # [T, T]
     for i, p in enumerate(params["h"]):
-        x = block(x, **p, n_head=config.n_head, eps=config.layer_norm_epsilon, scale=attention_scale(config, i),
-                  mask=mask)  # [T, C]
+        x = block(
+            x, **p, n_head=config.n_head, eps=config.layer_norm_epsilon, scale=attention_scale(config, i), mask=mask
+        )  # [T, C]
     x = layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)  # [T, C]
     head = params["wte"]["weight"] if config.tie_word_embeddings else params["lm_head"]["weight"]  # [V, C]
     return x @ head.T  # [T, V]

@@ -172,8 +172,10 @@ def _reject_lone_surrogate(text: str, field: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         code = ord(text[e.start])
-        raise RequestError(f"{field} holds a lone surrogate \\u{code:04x} at character {e.start}, which is not a "
-                           "character; send valid Unicode") from None
+        raise RequestError(
+            f"{field} holds a lone surrogate \\u{code:04x} at character {e.start}, which is not a "
+            "character; send valid Unicode"
+        ) from None
 
 
 def check_params(params, *, field: str = "params", defaults: Mapping | None = None):
@@ -212,8 +214,10 @@ def check_prompt_bytes(prompt: str, field: str, *, n_ctx: int, max_token_bytes: 
     b / max_token_bytes tokens. The finer rule, with max_new_tokens, needs the tokens: engine.check_fits."""
     size = len(prompt.encode("utf-8", errors="surrogatepass"))
     if size > (n_ctx - 1) * max_token_bytes:  # more than n_ctx - 1 tokens: no room to generate
-        raise RequestError(f"{field} is {size} bytes, at least {-(-size // max_token_bytes)} tokens, more than the "
-                           f"model's {n_ctx}-token context holds; shorten it to at most {n_ctx - 1} tokens")
+        raise RequestError(
+            f"{field} is {size} bytes, at least {-(-size // max_token_bytes)} tokens, more than the "
+            f"model's {n_ctx}-token context holds; shorten it to at most {n_ctx - 1} tokens"
+        )
 
 
 def longest_token_bytes(tokenizer) -> int:

@@ -323,8 +323,15 @@ def warp(logits, options: GenerationOptions):  # [V] -> [V] bool, or None for "e
     return keep
 
 
-def next_token(logits, options: GenerationOptions, rng: np.random.Generator, seen=None, *,
-               adjust: LogitAdjustments | None = None, counts=None) -> int:  # [V] -> id
+def next_token(
+    logits,
+    options: GenerationOptions,
+    rng: np.random.Generator,
+    seen=None,
+    *,
+    adjust: LogitAdjustments | None = None,
+    counts=None,
+) -> int:  # [V] -> id
     """Choose the next token from one row's logits (a scratch float32 array, changed in place).
     The order: logit_bias, repetition penalty, OpenAI's count penalties (with `adjust`; `counts`
     [V] says how often each token was generated), then greedy or the warpers and the draw."""
@@ -375,8 +382,14 @@ class RowSampler:
     (gpt2np.engine) has one, so a row chooses the same tokens from the same seed whoever shares its batch.
     """
 
-    def __init__(self, prompt: Sequence[int], options: GenerationOptions, rng: np.random.Generator, vocab_size: int,
-                 adjust: LogitAdjustments | None = None):
+    def __init__(
+        self,
+        prompt: Sequence[int],
+        options: GenerationOptions,
+        rng: np.random.Generator,
+        vocab_size: int,
+        adjust: LogitAdjustments | None = None,
+    ):
         self.options, self.rng, self.adjust = options, rng, adjust
         self.n_new = 0
         self.ended = False  # drew EOS

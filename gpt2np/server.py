@@ -104,8 +104,16 @@ class HTTPError(Exception):
     """A request answered with an error status and {"error": message} (OpenAI's shape on /v1/ routes,
     with `param` and `code`)."""
 
-    def __init__(self, status: int, message: str, *, headers: dict[str, str] | None = None, detail: str = "",
-                 param: str | None = None, code: str | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        headers: dict[str, str] | None = None,
+        detail: str = "",
+        param: str | None = None,
+        code: str | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
         self.detail = detail  # for the server log only (the cause of a 500)
@@ -133,8 +141,11 @@ def check_size(request: Request, n_ctx: int, max_token_bytes: int, max_prompts: 
     bytes, so a prompt of b bytes is at least b / max_token_bytes tokens). The finer rule, with
     max_new_tokens, needs the tokens: `check_lengths`."""
     if len(request.prompts) > max_prompts:
-        raise HTTPError(400, f"{request.prompts_field} has {len(request.prompts)} prompts; this server takes at most "
-                             f"{max_prompts} per request (its --max-prompts): split them over several requests")
+        raise HTTPError(
+            400,
+            f"{request.prompts_field} has {len(request.prompts)} prompts; this server takes at most "
+            f"{max_prompts} per request (its --max-prompts): split them over several requests",
+        )
     for i, prompt in enumerate(request.prompts):
         try:
             check_prompt_bytes(prompt, request.prompt_field(i), n_ctx=n_ctx, max_token_bytes=max_token_bytes)
@@ -160,11 +171,14 @@ class Job:
     failure) or the handler (timeout, or the client closed the connection).
     """
 
-    def __init__(self, prompts: list[str], ids: list[list[int]], options: GenerationOptions, seed,
-                 return_full_text: bool, model):  # fmt: skip
+    def __init__(
+        self, prompts: list[str], ids: list[list[int]], options: GenerationOptions, seed, return_full_text: bool, model
+    ):
         self.prompts, self.return_full_text = prompts, return_full_text
         rngs = row_generators(seed, len(prompts))
-        self.rows = [JobRow(self, p, options, rng, model.tokenizer, model.config.vocab_size) for p, rng in zip(ids, rngs)]
+        self.rows = [
+            JobRow(self, p, options, rng, model.tokenizer, model.config.vocab_size) for p, rng in zip(ids, rngs)
+        ]
         self.n_admitted = 0  # rows handed to the batch so far
         self.shared = False  # whether another job's rows ran in a pass with this job's (X-Shared-Batch)
         self.n_unfinished = len(self.rows)
@@ -230,8 +244,9 @@ class Scheduler:
     their whole prefill.
     """
 
-    def __init__(self, model, *, max_batch_size: int, max_queue: int,
-                 prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK):
+    def __init__(
+        self, model, *, max_batch_size: int, max_queue: int, prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK
+    ):
         self.model, self.max_batch_size, self.max_queue = model, max_batch_size, max_queue
         self.job_rows = max_batch_size - max_batch_size // 4  # the most rows one job may hold in the batch
         self.prefill_chunk = prefill_chunk
@@ -248,11 +263,17 @@ class Scheduler:
         """Queue a job, or a 503 when the server is stopping or the queue is full."""
         with self._cond:
             if self._closing:
-                raise HTTPError(503, "the server is shutting down; send the request again to a running server",
-                                headers={"Connection": "close"})  # fmt: skip
+                raise HTTPError(
+                    503,
+                    "the server is shutting down; send the request again to a running server",
+                    headers={"Connection": "close"},
+                )
             if len(self._waiting) >= self.max_queue:
-                raise HTTPError(503, f"the queue is full ({self.max_queue} requests waiting); retry shortly",
-                                headers={"Retry-After": "1"})  # fmt: skip
+                raise HTTPError(
+                    503,
+                    f"the queue is full ({self.max_queue} requests waiting); retry shortly",
+                    headers={"Retry-After": "1"},
+                )
             self._waiting.append(job)
             self._cond.notify()
 
@@ -414,10 +435,20 @@ class ScoringServer(ThreadingHTTPServer):
     daemon_threads = True  # an idle keep-alive connection does not hold the process at exit
     request_queue_size = 128  # connections waiting to be accepted (socketserver's default is 5)
 
-    def __init__(self, address, model, *, model_name: str, limits: Limits | None = None,
-                 max_batch_size=DEFAULT_MAX_BATCH_SIZE,
-                 max_queue=DEFAULT_MAX_QUEUE, timeout=DEFAULT_TIMEOUT, max_body_bytes=DEFAULT_MAX_BODY_BYTES,
-                 max_new_tokens_cap: int | None = None, log=sys.stderr):  # fmt: skip
+    def __init__(
+        self,
+        address,
+        model,
+        *,
+        model_name: str,
+        limits: Limits | None = None,
+        max_batch_size=DEFAULT_MAX_BATCH_SIZE,
+        max_queue=DEFAULT_MAX_QUEUE,
+        timeout=DEFAULT_TIMEOUT,
+        max_body_bytes=DEFAULT_MAX_BODY_BYTES,
+        max_new_tokens_cap: int | None = None,
+        log=sys.stderr,
+    ):
         limits = limits or Limits()
         super().__init__(address, ScoringHandler)
         self.model, self.model_name = model, model_name
@@ -425,12 +456,18 @@ class ScoringServer(ThreadingHTTPServer):
         self.max_prompts, self.read_timeout = limits.max_prompts, limits.read_timeout
         self.max_connections = limits.max_connections
         self.tokenizing = threading.Lock()  # one handler tokenizes at a time: the worker shares the GIL with one
-        self.scheduler = Scheduler(model, max_batch_size=max_batch_size, max_queue=max_queue,
-                                   prefill_chunk=limits.prefill_chunk)
+        self.scheduler = Scheduler(
+            model, max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=limits.prefill_chunk
+        )
         self.scheduler.start()
         self.max_token_bytes = longest_token_bytes(model.tokenizer)
-        self.completions = CompletionsAPI(model, model_name, max_tokens_cap=max_new_tokens_cap,
-                                          max_prompts=limits.max_prompts, max_token_bytes=self.max_token_bytes)
+        self.completions = CompletionsAPI(
+            model,
+            model_name,
+            max_tokens_cap=max_new_tokens_cap,
+            max_prompts=limits.max_prompts,
+            max_token_bytes=self.max_token_bytes,
+        )
         self._log, self._log_lock = log, threading.Lock()
         self._inflight, self._idle = 0, threading.Condition()
         self._connections, self._connections_lock = 0, threading.Lock()
@@ -448,6 +485,7 @@ class ScoringServer(ThreadingHTTPServer):
     def log_warnings(self) -> None:
         """Python warnings (from NumPy or elsewhere) become one log line each instead of a multi-line
         message on stderr."""
+
         def show(message, category, filename, lineno, file=None, line=None):
             self.log(f"warning: {category.__name__}: {message} ({os.path.basename(filename)}:{lineno})")
 
@@ -473,10 +511,16 @@ class ScoringServer(ThreadingHTTPServer):
         if not full:
             super().process_request(request, client_address)
             return
-        body = json.dumps({"error": f"too many open connections (this server's --max-connections is "
-                                    f"{self.max_connections}); retry shortly"}).encode()
-        head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
-                "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n")
+        body = json.dumps(
+            {
+                "error": f"too many open connections (this server's --max-connections is "
+                f"{self.max_connections}); retry shortly"
+            }
+        ).encode()
+        head = (
+            f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+            "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+        )
         try:
             request.settimeout(1.0)
             request.sendall(head.encode() + body)
@@ -546,10 +590,16 @@ class ScoringHandler(BaseHTTPRequestHandler):
     server_version = "gpt2np"
     timeout = WRITE_TIMEOUT  # reads end by `read_deadline` instead (DeadlineReader)
 
-    ROUTES = {("POST", "/score"): "score", ("GET", "/"): "liveness", ("GET", "/health"): "health",
-              ("POST", "/v1/completions"): "completions", ("GET", "/v1/models"): "models",
-              ("POST", "/v1/chat/completions"): "chat_completions",
-              ("HEAD", "/"): "liveness", ("HEAD", "/health"): "health"}
+    ROUTES = {
+        ("POST", "/score"): "score",
+        ("GET", "/"): "liveness",
+        ("GET", "/health"): "health",
+        ("POST", "/v1/completions"): "completions",
+        ("GET", "/v1/models"): "models",
+        ("POST", "/v1/chat/completions"): "chat_completions",
+        ("HEAD", "/"): "liveness",
+        ("HEAD", "/health"): "health",
+    }
 
     def version_string(self) -> str:
         """The Server header: gpt2np, without http.server's Python version."""
@@ -614,10 +664,16 @@ class ScoringHandler(BaseHTTPRequestHandler):
             return name
         allowed = [method for method, route in self.ROUTES if route == path]
         if allowed:
-            raise HTTPError(405, f"{self.command} {path} is not allowed; use {' or '.join(allowed)} {path}",
-                            headers={"Allow": ", ".join(allowed)})  # fmt: skip
-        raise HTTPError(404, f"no route {self.command} {path}; the routes are POST /score, GET /, GET /health, "
-                             "POST /v1/completions and GET /v1/models")
+            raise HTTPError(
+                405,
+                f"{self.command} {path} is not allowed; use {' or '.join(allowed)} {path}",
+                headers={"Allow": ", ".join(allowed)},
+            )
+        raise HTTPError(
+            404,
+            f"no route {self.command} {path}; the routes are POST /score, GET /, GET /health, "
+            "POST /v1/completions and GET /v1/models",
+        )
 
     # -- routes
     def liveness(self):
@@ -626,8 +682,13 @@ class ScoringHandler(BaseHTTPRequestHandler):
     def health(self):
         scheduler = self.server.scheduler
         waiting, rows = scheduler.depth()
-        status = {"status": "stopping" if scheduler.closing else "ok", "model": self.server.model_name,
-                  "queue_depth": waiting, "batch_rows": rows, "max_batch_size": scheduler.max_batch_size}  # fmt: skip
+        status = {
+            "status": "stopping" if scheduler.closing else "ok",
+            "model": self.server.model_name,
+            "queue_depth": waiting,
+            "batch_rows": rows,
+            "max_batch_size": scheduler.max_batch_size,
+        }
         return 200, "application/json", json.dumps(status).encode(), {}
 
     def score(self):
@@ -722,8 +783,13 @@ class ScoringHandler(BaseHTTPRequestHandler):
             selector.register(self.connection, selectors.EVENT_READ)
             while not job.done.wait(min(DISCONNECT_POLL, max(0.0, deadline - time.monotonic()))):
                 if time.monotonic() >= deadline:
-                    job.fail(HTTPError(504, f"the request did not finish within {timeout:g} s (the server's "
-                                            "--timeout); ask for fewer prompts or max_new_tokens"))  # fmt: skip
+                    job.fail(
+                        HTTPError(
+                            504,
+                            f"the request did not finish within {timeout:g} s (the server's "
+                            "--timeout); ask for fewer prompts or max_new_tokens",
+                        )
+                    )
                 elif self._client_gone(selector):
                     job.fail(HTTPError(CLIENT_CLOSED, "the client closed the connection"))
 
@@ -762,14 +828,20 @@ class ScoringHandler(BaseHTTPRequestHandler):
     def _check_headers(self) -> int:
         """Content-Type and Content-Length of a /score request (before reading the body): its length."""
         if len({value.strip() for value in self.headers.get_all("Content-Length", [])}) > 1:
-            raise HTTPError(400, "the request has Content-Length headers that disagree; send one",
-                            headers={"Connection": "close"})
+            raise HTTPError(
+                400, "the request has Content-Length headers that disagree; send one", headers={"Connection": "close"}
+            )
         content_type = self.headers.get("Content-Type")
         if content_type is None or self.headers.get_content_type() != "application/json":
-            raise HTTPError(415, f"Content-Type must be application/json, got {content_type or 'none'}; "
-                                 "send the header Content-Type: application/json")  # fmt: skip
+            raise HTTPError(
+                415,
+                f"Content-Type must be application/json, got {content_type or 'none'}; "
+                "send the header Content-Type: application/json",
+            )
         if self.headers.get_content_charset(failobj="utf-8").lower() not in ("utf-8", "utf8"):
-            raise HTTPError(415, "JSON bodies must be UTF-8; send Content-Type: application/json without another charset")
+            raise HTTPError(
+                415, "JSON bodies must be UTF-8; send Content-Type: application/json without another charset"
+            )
         if "Transfer-Encoding" in self.headers:
             raise HTTPError(411, "chunked bodies are not supported; send a Content-Length")
         if "Content-Length" not in self.headers:
@@ -779,8 +851,11 @@ class ScoringHandler(BaseHTTPRequestHandler):
             raise HTTPError(400, f"Content-Length must be a non-negative integer, got {text!r}")
         length = int(text)
         if length > self.server.max_body_bytes:
-            raise HTTPError(413, f"the body is {length} bytes; this server takes at most {self.server.max_body_bytes} "
-                                 "(its --max-body-bytes): send fewer prompts per request")  # fmt: skip
+            raise HTTPError(
+                413,
+                f"the body is {length} bytes; this server takes at most {self.server.max_body_bytes} "
+                "(its --max-body-bytes): send fewer prompts per request",
+            )
         return length
 
     def _read_body(self) -> bytes:
@@ -791,8 +866,12 @@ class ScoringHandler(BaseHTTPRequestHandler):
         try:
             body = self.rfile.read(length)
         except TimeoutError:
-            raise HTTPError(408, f"the request was not received within {self.server.read_timeout:g} s (this server's "
-                                 "--read-timeout); send the whole request at once", headers={"Connection": "close"})
+            raise HTTPError(
+                408,
+                f"the request was not received within {self.server.read_timeout:g} s (this server's "
+                "--read-timeout); send the whole request at once",
+                headers={"Connection": "close"},
+            )
         if len(body) < length:
             raise HTTPError(400, f"the body ended after {len(body)} of the {length} bytes its Content-Length announced")
         self._body_read = True
@@ -872,8 +951,10 @@ class ScoringHandler(BaseHTTPRequestHandler):
         seconds = time.monotonic() - getattr(self, "_started", time.monotonic())
         path = urlsplit(getattr(self, "path", "") or "").path or "-"
         prompts, new_tokens = getattr(self, "_prompts", 0), getattr(self, "_new_tokens", 0)
-        line = (f"{self.client_address[0]} {self.command or '-'} {path} {status} "
-                f"prompts={prompts} new_tokens={new_tokens} {seconds:.3f}s")  # fmt: skip
+        line = (
+            f"{self.client_address[0]} {self.command or '-'} {path} {status} "
+            f"prompts={prompts} new_tokens={new_tokens} {seconds:.3f}s"
+        )
         self.server.log(line + (f" error={detail}" if detail else ""))
 
     def send_error(self, code, message=None, explain=None):
@@ -897,30 +978,67 @@ def build_parser(prog: str = "gpt2np serve") -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default="gpt2", help="checkpoint folder or hub repo id (default: gpt2)")
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
-    parser.add_argument("--port", type=port_number, default=DEFAULT_PORT,
-                        help=f"default: {DEFAULT_PORT}; 0 picks a free one")
-    parser.add_argument("--max-batch-size", type=positive_int, default=DEFAULT_MAX_BATCH_SIZE,
-                        help=f"prompts decoded together (default: {DEFAULT_MAX_BATCH_SIZE})")
-    parser.add_argument("--max-queue", type=positive_int, default=DEFAULT_MAX_QUEUE,
-                        help=f"requests that may wait before new ones get 503 (default: {DEFAULT_MAX_QUEUE})")
-    parser.add_argument("--timeout", type=positive_float, default=DEFAULT_TIMEOUT,
-                        help=f"seconds a request may take, waiting included, before 504 (default: {DEFAULT_TIMEOUT:g})")
-    parser.add_argument("--max-body-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
-                        help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})")
-    parser.add_argument("--max-new-tokens-cap", type=positive_int, default=None,
-                        help="largest max_new_tokens a request may ask (default: context minus prompt)")
-    parser.add_argument("--max-prompts", type=positive_int, default=DEFAULT_MAX_PROMPTS,
-                        help=f"prompts one request may hold; more get 400 (default: {DEFAULT_MAX_PROMPTS})")
-    parser.add_argument("--prefill-chunk", type=positive_int, default=DEFAULT_PREFILL_CHUNK,
-                        help="prompt tokens prefilled per decoding step, so that long prompts do not stall the "
-                        f"others (default: {DEFAULT_PREFILL_CHUNK})")
-    parser.add_argument("--read-timeout", type=positive_float, default=DEFAULT_READ_TIMEOUT,
-                        help="seconds a client has to send a whole request, or may stay idle between two; a "
-                        f"body not received by then gets 408 (default: {DEFAULT_READ_TIMEOUT:g})")
-    parser.add_argument("--max-connections", type=positive_int, default=DEFAULT_MAX_CONNECTIONS,
-                        help="open connections; past them the longest idle one is closed, or with none idle "
-                        f"the new one gets 503 (default: {DEFAULT_MAX_CONNECTIONS}, and at most the file "
-                        "descriptor limit minus 64)")
+    parser.add_argument(
+        "--port", type=port_number, default=DEFAULT_PORT, help=f"default: {DEFAULT_PORT}; 0 picks a free one"
+    )
+    parser.add_argument(
+        "--max-batch-size",
+        type=positive_int,
+        default=DEFAULT_MAX_BATCH_SIZE,
+        help=f"prompts decoded together (default: {DEFAULT_MAX_BATCH_SIZE})",
+    )
+    parser.add_argument(
+        "--max-queue",
+        type=positive_int,
+        default=DEFAULT_MAX_QUEUE,
+        help=f"requests that may wait before new ones get 503 (default: {DEFAULT_MAX_QUEUE})",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=positive_float,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds a request may take, waiting included, before 504 (default: {DEFAULT_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=DEFAULT_MAX_BODY_BYTES,
+        help=f"larger request bodies get 413 (default: {DEFAULT_MAX_BODY_BYTES})",
+    )
+    parser.add_argument(
+        "--max-new-tokens-cap",
+        type=positive_int,
+        default=None,
+        help="largest max_new_tokens a request may ask (default: context minus prompt)",
+    )
+    parser.add_argument(
+        "--max-prompts",
+        type=positive_int,
+        default=DEFAULT_MAX_PROMPTS,
+        help=f"prompts one request may hold; more get 400 (default: {DEFAULT_MAX_PROMPTS})",
+    )
+    parser.add_argument(
+        "--prefill-chunk",
+        type=positive_int,
+        default=DEFAULT_PREFILL_CHUNK,
+        help="prompt tokens prefilled per decoding step, so that long prompts do not stall the "
+        f"others (default: {DEFAULT_PREFILL_CHUNK})",
+    )
+    parser.add_argument(
+        "--read-timeout",
+        type=positive_float,
+        default=DEFAULT_READ_TIMEOUT,
+        help="seconds a client has to send a whole request, or may stay idle between two; a "
+        f"body not received by then gets 408 (default: {DEFAULT_READ_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="open connections; past them the longest idle one is closed, or with none idle "
+        f"the new one gets 503 (default: {DEFAULT_MAX_CONNECTIONS}, and at most the file "
+        "descriptor limit minus 64)",
+    )
     add_debug_argument(parser)
     return parser
 
@@ -936,8 +1054,10 @@ def serve_until_signalled(server: ScoringServer) -> None:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
-        server.log(f"serving {server.model_name} on {server.url} (POST /score, GET /, GET /health, "
-                   "POST /v1/completions, GET /v1/models)")
+        server.log(
+            f"serving {server.model_name} on {server.url} (POST /score, GET /, GET /health, "
+            "POST /v1/completions, GET /v1/models)"
+        )
         while not stop.wait(0.5):
             pass
         waiting, rows = server.scheduler.depth()
@@ -960,13 +1080,24 @@ def serve(argv: list[str], *, prog: str) -> int:
     """Load the model, listen, and serve until SIGTERM or SIGINT."""
     args = build_parser(prog).parse_args(argv)
     model = load_model(args.model, revision="main", cache_dir=None, progress=True)
-    limits = Limits(max_prompts=args.max_prompts, prefill_chunk=args.prefill_chunk, read_timeout=args.read_timeout,
-                    max_connections=connection_cap(args.max_connections))
+    limits = Limits(
+        max_prompts=args.max_prompts,
+        prefill_chunk=args.prefill_chunk,
+        read_timeout=args.read_timeout,
+        max_connections=connection_cap(args.max_connections),
+    )
     try:
-        server = ScoringServer((args.host, args.port), model, model_name=public_name(args.model), limits=limits,
-                               max_batch_size=args.max_batch_size,
-                               max_queue=args.max_queue, timeout=args.timeout, max_body_bytes=args.max_body_bytes,
-                               max_new_tokens_cap=args.max_new_tokens_cap)  # fmt: skip
+        server = ScoringServer(
+            (args.host, args.port),
+            model,
+            model_name=public_name(args.model),
+            limits=limits,
+            max_batch_size=args.max_batch_size,
+            max_queue=args.max_queue,
+            timeout=args.timeout,
+            max_body_bytes=args.max_body_bytes,
+            max_new_tokens_cap=args.max_new_tokens_cap,
+        )
     except OSError as e:
         message = f"cannot listen on {args.host}:{args.port}: {one_line(e)}; choose another --port"
         return fail(prog, message, EXIT_FAILURE)

@@ -190,7 +190,9 @@ class Tokenizer:
         allowed = set(self.special_tokens) if allowed_special == "all" else set(allowed_special)
         unknown = allowed - set(self.special_tokens)
         if unknown:
-            raise ValueError(f"allowed_special names unknown special tokens {sorted(unknown)}; known: {sorted(self.special_tokens)}")
+            raise ValueError(
+                f"allowed_special names unknown special tokens {sorted(unknown)}; known: {sorted(self.special_tokens)}"
+            )
         disallowed = set(self.special_tokens) - allowed if disallowed_special == "all" else set(disallowed_special)
         for token in disallowed:
             if token in text:

@@ -31,7 +31,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 from gpt2np import GPT2, GPT2Config, Tokenizer
 from gpt2np.checkpoint import random_state_dict, save_checkpoint
 from gpt2np.engine import Engine, Row
@@ -93,8 +92,15 @@ def bench_tokenizer(repeat):
         from gpt2np.tokenizer import GPT2_PATTERN
 
         ranks = tok.mergeable_ranks()
-        make = lambda: tiktoken.Encoding(name=f"gpt2-bench-{time.perf_counter_ns()}", pat_str=GPT2_PATTERN,  # noqa: E731
-                                         mergeable_ranks=ranks, special_tokens={"<|endoftext|>": 50256})  # fmt: skip
+
+        def make():
+            return tiktoken.Encoding(
+                name=f"gpt2-bench-{time.perf_counter_ns()}",
+                pat_str=GPT2_PATTERN,
+                mergeable_ranks=ranks,
+                special_tokens={"<|endoftext|>": 50256},
+            )
+
         ref_cold = cold_encode_time(make, text, repeat)
         enc = make()
         enc.encode(text, disallowed_special=())
@@ -103,9 +109,23 @@ def bench_tokenizer(repeat):
         ref_warm = mb / ref_warm
     except ImportError:
         pass
-    row(f"tokenizer: cold encode, {mb * 1000:.0f} KB prose, fresh Tokenizer()", mb / cold, ref_cold, unit=" MB/s", floor="target >= 2 MB/s")
+    row(
+        f"tokenizer: cold encode, {mb * 1000:.0f} KB prose, fresh Tokenizer()",
+        mb / cold,
+        ref_cold,
+        unit=" MB/s",
+        floor="target >= 2 MB/s",
+    )
     row("tokenizer: warm encode (same text again)", mb / warm, ref_warm, unit=" MB/s")
-    row("tokenizer: vocabulary load", load, None, unit=" s", fmt="{:.3f}", higher_is_better=False, floor="target < 0.3 s")
+    row(
+        "tokenizer: vocabulary load",
+        load,
+        None,
+        unit=" s",
+        fmt="{:.3f}",
+        higher_is_better=False,
+        floor="target < 0.3 s",
+    )
 
 
 # ------------------------------------------------------------------------------------ model
@@ -117,8 +137,11 @@ def make_checkpoint(shape: str, folder: Path) -> Path:
 
 def block_matrices(model):
     """Every weight matrix of the transformer blocks, in the order a forward pass uses them."""
-    return [p[module][name]["weight"] for p in model.params["h"]
-            for module, name in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))]  # fmt: skip
+    return [
+        p[module][name]["weight"]
+        for p in model.params["h"]
+        for module, name in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
+    ]
 
 
 def floor_step(model):
@@ -200,8 +223,14 @@ def hf_model(folder):
 def hf_decode(torch, model, batch, prompt_len, new_tokens):
     ids = torch.tensor([[(13 * b + i) % 50000 + 1 for i in range(prompt_len)] for b in range(batch)])
     with torch.inference_mode():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                             do_sample=False, pad_token_id=0)  # fmt: skip
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=0,
+        )
     assert out.shape[1] == prompt_len + new_tokens
 
 
@@ -223,7 +252,8 @@ else:
     from transformers import GPT2LMHeadModel
     m = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
     with torch.inference_mode():
-        m.generate(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]]), max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
+        ids = torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])
+        m.generate(ids, max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the (large) parent across fork + exec.
 print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")) / 1024)
 """
@@ -252,41 +282,92 @@ def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
     ours_decode(model, 1, 8, 4)  # warm up
     if hf is not None:
         hf_decode(torch, hf, 1, 8, 4)
-    t = interleaved({"ours": lambda: ours_decode(model, 1, 8, new_tokens), "floor": floor_run,
-                     "hf": hf and (lambda: hf_decode(torch, hf, 1, 8, new_tokens))}, repeat)  # fmt: skip
+    t = interleaved(
+        {
+            "ours": lambda: ours_decode(model, 1, 8, new_tokens),
+            "floor": floor_run,
+            "hf": hf and (lambda: hf_decode(torch, hf, 1, 8, new_tokens)),
+        },
+        repeat,
+    )
     per_token, floor = t["ours"] / new_tokens, t["floor"] / new_tokens
-    row(f"{title}: greedy decode, batch 1, 8-token prompt, {new_tokens} new", 1 / per_token, hf and new_tokens / t["hf"],
-        unit=" tok/s", floor=f"{1 / floor:.1f} tok/s ({floor * 1e3:.1f} ms/token); gpt2np at {floor / per_token:.0%}")  # fmt: skip
+    row(
+        f"{title}: greedy decode, batch 1, 8-token prompt, {new_tokens} new",
+        1 / per_token,
+        hf and new_tokens / t["hf"],
+        unit=" tok/s",
+        floor=f"{1 / floor:.1f} tok/s ({floor * 1e3:.1f} ms/token); gpt2np at {floor / per_token:.0%}",
+    )
 
     T = c.n_ctx
     model(np.arange(16))
-    t = interleaved({"ours": lambda: model(np.arange(T) % 50000 + 1), "dense": dense_products(model, T),
-                     "hf": hf and (lambda: hf_prefill(torch, hf, T))}, repeat)  # fmt: skip
+    t = interleaved(
+        {
+            "ours": lambda: model(np.arange(T) % 50000 + 1),
+            "dense": dense_products(model, T),
+            "hf": hf and (lambda: hf_prefill(torch, hf, T)),
+        },
+        repeat,
+    )
     dense = f"dense products alone: {t['dense']:.2f} s; gpt2np {t['ours']:.2f} s"
     if hf is not None:
         dense += f", transformers {t['hf']:.2f} s"
-    row(f"{title}: prefill, {T} tokens (logits for every position)", T / t["ours"], hf and T / t["hf"], unit=" tok/s", floor=dense)
+    row(
+        f"{title}: prefill, {T} tokens (logits for every position)",
+        T / t["ours"],
+        hf and T / t["hf"],
+        unit=" tok/s",
+        floor=dense,
+    )
 
-    t = interleaved({"ours": lambda: ours_decode(model, 8, 8, new_tokens),
-                     "hf": hf and (lambda: hf_decode(torch, hf, 8, 8, new_tokens))}, repeat)  # fmt: skip
-    row(f"{title}: greedy decode, batch 8, {new_tokens} new each (total)", 8 * new_tokens / t["ours"],
-        hf and 8 * new_tokens / t["hf"], unit=" tok/s")  # fmt: skip
+    t = interleaved(
+        {
+            "ours": lambda: ours_decode(model, 8, 8, new_tokens),
+            "hf": hf and (lambda: hf_decode(torch, hf, 8, 8, new_tokens)),
+        },
+        repeat,
+    )
+    row(
+        f"{title}: greedy decode, batch 8, {new_tokens} new each (total)",
+        8 * new_tokens / t["ours"],
+        hf and 8 * new_tokens / t["hf"],
+        unit=" tok/s",
+    )
 
     rates = {"early": [], "late": []}
     for _ in range(repeat):
         rates["early"].append(ours_step_rate(model, 10))
         rates["late"].append(ours_step_rate(model, min(900, c.n_ctx - 40)))
     early, late = statistics.median(rates["early"]), statistics.median(rates["late"])
-    row(f"{title}: decode step rate at position 10 / 900", early, None, unit=" tok/s",
-        floor=f"at 900: {late:.1f} tok/s = {late / early:.0%} of position 10 (target >= 75%)")  # fmt: skip
+    row(
+        f"{title}: decode step rate at position 10 / 900",
+        early,
+        None,
+        unit=" tok/s",
+        floor=f"at 900: {late:.1f} tok/s = {late / early:.0%} of position 10 (target >= 75%)",
+    )
 
-    row(f"{title}: load (from_pretrained, file in page cache)", load, hf_load, unit=" s", fmt="{:.2f}",
-        higher_is_better=False, floor="target < 1 s")  # fmt: skip
+    row(
+        f"{title}: load (from_pretrained, file in page cache)",
+        load,
+        hf_load,
+        unit=" s",
+        fmt="{:.2f}",
+        higher_is_better=False,
+        floor="target < 1 s",
+    )
     rss = peak_rss_mib("gpt2np", folder)
     hf_rss = peak_rss_mib("transformers", folder) if hf is not None else None
     weights_mib = sum(a.nbytes for a in _arrays(model.params)) / 2**20
-    row(f"{title}: peak RSS, load + {128} tokens", rss, hf_rss, unit=" MiB", fmt="{:.0f}", higher_is_better=False,
-        floor=f"weights: {weights_mib:.0f} MiB; target < 800 MiB for 124M")  # fmt: skip
+    row(
+        f"{title}: peak RSS, load + {128} tokens",
+        rss,
+        hf_rss,
+        unit=" MiB",
+        fmt="{:.0f}",
+        higher_is_better=False,
+        floor=f"weights: {weights_mib:.0f} MiB; target < 800 MiB for 124M",
+    )
 
 
 def _arrays(tree):
@@ -309,7 +390,9 @@ def machine() -> str:
         info = [i for i in threadpool_info() if i.get("user_api") == "blas"]
         if info:
             i = info[0]
-            blas = f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, {i.get('num_threads')} threads)"
+            blas = (
+                f"{i.get('internal_api')} {i.get('version')} ({i.get('architecture')}, {i.get('num_threads')} threads)"
+            )
     except ImportError:
         pass
     versions = [f"numpy {np.__version__}"]
@@ -318,7 +401,10 @@ def machine() -> str:
             versions.append(f"{name} {__import__(name).__version__}")
         except ImportError:
             pass
-    return f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, BLAS: {blas}; " + ", ".join(versions)
+    return (
+        f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, BLAS: {blas}; "
+        + ", ".join(versions)
+    )
 
 
 def print_table(repeat):

@@ -24,11 +24,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which but have "
-         "an they you were her she there one all we their would been has more when will who if no out so said what up "
-         "its about into than them can only other new some could time these two may then do first any my now such "
-         "like our over man me even most made after also did many before must through years where much "
-         "your way").split()
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have "
+    "an they you were her she there one all we their would been has more when will who if no out so said what up "
+    "its about into than them can only other new some could time these two may then do first any my now such "
+    "like our over man me even most made after also did many before must through years where much "
+    "your way"
+).split()
 
 
 def random_checkpoint(folder: Path) -> Path:
@@ -43,8 +45,10 @@ def random_checkpoint(folder: Path) -> Path:
 def write_inputs(folder: Path, lines: int, doc_tokens: int, new_tokens: int) -> dict[str, Path]:
     rng = random.Random(0)
     params = {"max_new_tokens": new_tokens, "do_sample": False, "ignore_eos": True}
-    prompts = [{"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))), "params": params}
-               for _ in range(lines)]
+    prompts = [
+        {"prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 16))), "params": params}
+        for _ in range(lines)
+    ]
     docs = [{"text": " ".join(rng.choice(WORDS) for _ in range(doc_tokens))} for _ in range(lines)]
     paths = {"generate": folder / "prompts.jsonl", "score": folder / "docs.jsonl"}
     for task, objects in (("generate", prompts), ("score", docs)):
@@ -54,8 +58,24 @@ def write_inputs(folder: Path, lines: int, doc_tokens: int, new_tokens: int) -> 
 
 def run(model: str, task: str, path: Path, out: Path, workers: int, batch_size: int) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    command = [sys.executable, "-m", "gpt2np", "batch", str(path), "--task", task, "--model", model, "--output",
-               str(out), "--workers", str(workers), "--batch-size", str(batch_size), "--quiet"]
+    command = [
+        sys.executable,
+        "-m",
+        "gpt2np",
+        "batch",
+        str(path),
+        "--task",
+        task,
+        "--model",
+        model,
+        "--output",
+        str(out),
+        "--workers",
+        str(workers),
+        "--batch-size",
+        str(batch_size),
+        "--quiet",
+    ]
     out.unlink(missing_ok=True)
     started = time.perf_counter()
     subprocess.run(command, check=True, env=env, cwd=ROOT)
@@ -84,8 +104,11 @@ def main() -> None:
                 out = tmp / f"{task}-{workers}.jsonl"
                 r = run(model, task, path, out, workers, args.batch_size)
                 outputs.append(out.read_text())
-                print(f"| {task} | {workers} | {args.lines} | {r['tokens']} | {r['seconds']:.1f} | {r['lines/s']:.2f} "
-                      f"| {r['tokens/s']:.1f} |", flush=True)
+                print(
+                    f"| {task} | {workers} | {args.lines} | {r['tokens']} | {r['seconds']:.1f} | {r['lines/s']:.2f} "
+                    f"| {r['tokens/s']:.1f} |",
+                    flush=True,
+                )
             assert outputs[0] == outputs[1], f"{task}: 1 and 2 workers wrote different records"
 
 

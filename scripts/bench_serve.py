@@ -31,12 +31,20 @@ import threading
 import time
 from pathlib import Path
 
-
 PROMPTS = [
-    "The quick brown fox", "Once upon a time, in a land", "My name is John and I am", "The capital of France is",
-    "In the beginning God created", "To be, or not to be,", "It was the best of times,", "Call me Ishmael. Some years",
-    "The meaning of life is", "Water boils at", "A long time ago in a galaxy", "The stock market today",
-]  # fmt: skip
+    "The quick brown fox",
+    "Once upon a time, in a land",
+    "My name is John and I am",
+    "The capital of France is",
+    "In the beginning God created",
+    "To be, or not to be,",
+    "It was the best of times,",
+    "Call me Ishmael. Some years",
+    "The meaning of life is",
+    "Water boils at",
+    "A long time ago in a galaxy",
+    "The stock market today",
+]
 
 
 def random_checkpoint(folder: Path) -> Path:
@@ -49,8 +57,17 @@ def random_checkpoint(folder: Path) -> Path:
 
 
 def start_server(model: str, log_path: Path, max_batch_size: int) -> tuple[subprocess.Popen, int]:
-    command = [sys.executable, "-m", "gpt2np.server", "--model", model, "--port", "0",
-               "--max-batch-size", str(max_batch_size)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "gpt2np.server",
+        "--model",
+        model,
+        "--port",
+        "0",
+        "--max-batch-size",
+        str(max_batch_size),
+    ]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=open(log_path, "w"))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
@@ -63,8 +80,10 @@ def start_server(model: str, log_path: Path, max_batch_size: int) -> tuple[subpr
 
 
 def score(port: int, prompt: str, max_new_tokens: int) -> str:
-    body = {"input_data": [prompt], "params": {"do_sample": False, "max_new_tokens": max_new_tokens, "ignore_eos": True,
-                                                "return_full_text": False}}  # fmt: skip
+    body = {
+        "input_data": [prompt],
+        "params": {"do_sample": False, "max_new_tokens": max_new_tokens, "ignore_eos": True, "return_full_text": False},
+    }
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
         connection.request("POST", "/score", json.dumps(body), {"Content-Type": "application/json"})
@@ -79,8 +98,13 @@ def score(port: int, prompt: str, max_new_tokens: int) -> str:
 
 def complete(port: int, prompt: str, max_new_tokens: int, model: str) -> str:
     """The same request as `score`, through OpenAI's completions API."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_new_tokens, "temperature": 0,
-            "logit_bias": {"50256": -100}}  # never <|endoftext|>: every request makes max_new_tokens tokens
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": max_new_tokens,
+        "temperature": 0,
+        "logit_bias": {"50256": -100},
+    }  # never <|endoftext|>: every request makes max_new_tokens tokens
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
         connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
@@ -149,8 +173,12 @@ def main() -> int:
     parser.add_argument("--model", help="checkpoint folder or hub id (default: random weights in the 124M shape)")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--api", choices=("score", "openai"), default="score",
-                        help="POST /score (the model card's) or POST /v1/completions (OpenAI's) (default: score)")
+    parser.add_argument(
+        "--api",
+        choices=("score", "openai"),
+        default="score",
+        help="POST /score (the model card's) or POST /v1/completions (OpenAI's) (default: score)",
+    )
     args = parser.parse_args()
     if not 1 <= args.clients <= len(PROMPTS):
         parser.error(f"--clients must be in 1..{len(PROMPTS)}")
@@ -167,10 +195,12 @@ def main() -> int:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=60)
     tokens = args.clients * args.max_new_tokens
-    print(f"model: {args.model or 'random weights, GPT-2 small shape (124M)'}; API: {args.api}; "
-          f"{args.clients} requests of "
-          f"{args.max_new_tokens} greedy tokens; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
-          f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")  # fmt: skip
+    print(
+        f"model: {args.model or 'random weights, GPT-2 small shape (124M)'}; API: {args.api}; "
+        f"{args.clients} requests of "
+        f"{args.max_new_tokens} greedy tokens; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; "
+        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}"
+    )
     for name, seconds, cpu in (("one by one: ", sequential, cpu_alone), ("all at once:", concurrent, cpu_together)):
         cpu_text = "" if cpu is None else f"  server CPU {cpu:6.2f} s"
         print(f"{name} {seconds:6.2f} s  {tokens / seconds:6.1f} tokens/s{cpu_text}")

@@ -20,8 +20,11 @@ if __name__ == "__main__":
     try:
         cli = import_cli()
     except ModuleNotFoundError as e:  # gpt2np, or a package it needs, is not installed
-        print(f"generate.py: error: the {e.name!r} package is missing; install gpt2np and its requirements with "
-              "`pip install -e .` in the repository root", file=sys.stderr)
+        print(
+            f"generate.py: error: the {e.name!r} package is missing; install gpt2np and its requirements with "
+            "`pip install -e .` in the repository root",
+            file=sys.stderr,
+        )
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C before the command line could take charge: the same exit as after
         from gpt2np.console import interrupted

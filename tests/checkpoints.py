@@ -21,8 +21,9 @@ from gpt2np.checkpoint import random_state_dict
 TINY = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
 
 
-def write_checkpoint(folder, config: GPT2Config, *, layout="openai", seed=0, std=0.02, dtype="F32",
-                     shard_count=1) -> Path:  # fmt: skip
+def write_checkpoint(
+    folder, config: GPT2Config, *, layout="openai", seed=0, std=0.02, dtype="F32", shard_count=1
+) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     state = random_state_dict(config, seed=seed, std=std)
@@ -46,7 +47,11 @@ def write_checkpoint(folder, config: GPT2Config, *, layout="openai", seed=0, std
     (folder / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     names = sorted(tensors)
     shards = [names[i::shard_count] for i in range(shard_count)]
-    files = ["model.safetensors"] if shard_count == 1 else [f"model-{i + 1:05d}-of-{shard_count:05d}.safetensors" for i in range(shard_count)]
+    files = (
+        ["model.safetensors"]
+        if shard_count == 1
+        else [f"model-{i + 1:05d}-of-{shard_count:05d}.safetensors" for i in range(shard_count)]
+    )
     for file, shard in zip(files, shards):
         save_file({k: np.ascontiguousarray(tensors[k]) for k in shard}, str(folder / file), metadata={"format": "pt"})
         if dtype == "BF16":

@@ -13,8 +13,8 @@ import path, so no test file patches sys.path.
 from __future__ import annotations
 
 import pytest
-
 from checkpoints import TINY, hf_reference, write_checkpoint
+
 from gpt2np import GPT2, GPT2Config
 from gpt2np.checkpoint import random_state_dict, save_checkpoint
 

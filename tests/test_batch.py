@@ -31,8 +31,18 @@ from gpt2np.evaluate import perplexity
 
 REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 180
-PROMPTS = ["Hello there", "Once upon a time", "", "The meaning of life is", "A", "In 1999, the",
-           "def f(x):", "Dear Sir,", "Q: 2+2?\nA:", "It was a dark and stormy night"]
+PROMPTS = [
+    "Hello there",
+    "Once upon a time",
+    "",
+    "The meaning of life is",
+    "A",
+    "In 1999, the",
+    "def f(x):",
+    "Dear Sir,",
+    "Q: 2+2?\nA:",
+    "It was a dark and stormy night",
+]
 
 
 def tiny_checkpoint(folder: Path) -> Path:
@@ -45,8 +55,13 @@ def tiny_checkpoint(folder: Path) -> Path:
 def subprocess_env(cache: Path) -> dict:
     """No hub to reach (offline, a closed local port), an empty cache, gpt2np importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "GPT2NP_"))}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8", HF_HUB_CACHE=str(cache),
-               PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]))
+    env.update(
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HUB_OFFLINE="1",
+        PYTHONIOENCODING="utf-8",
+        HF_HUB_CACHE=str(cache),
+        PYTHONPATH=os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]),
+    )
     return env
 
 
@@ -66,8 +81,15 @@ def env(tmp_path_factory) -> dict:
 
 
 def batch(argv, env, *, stdin=b"") -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "gpt2np", "batch", *map(str, argv)], input=stdin,
-                            capture_output=True, env=env, cwd=REPO, timeout=TIMEOUT, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2np", "batch", *map(str, argv)],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        cwd=REPO,
+        timeout=TIMEOUT,
+        check=False,
+    )
     result.stdout, result.stderr = result.stdout.decode(), result.stderr.decode()
     return result
 
@@ -75,8 +97,13 @@ def batch(argv, env, *, stdin=b"") -> subprocess.CompletedProcess:
 def run_lines(model, lines: list[str], **job) -> list[dict]:
     """run_batch in this process over `lines`; the records."""
     out = io.StringIO()
-    run_batch(Job(model="unused", **job), io.BytesIO("".join(l + "\n" for l in lines).encode()), out,
-              model=model, progress=False)
+    run_batch(
+        Job(model="unused", **job),
+        io.BytesIO("".join(line + "\n" for line in lines).encode()),
+        out,
+        model=model,
+        progress=False,
+    )
     return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
@@ -100,26 +127,37 @@ def test_seeded_line_n_draws_from_the_seeds_child_n_minus_1_whatever_the_batch(m
 
 
 def test_a_lines_own_seed_and_params_give_what_generate_gives(model):
-    lines = [generate_line("Hello", seed=3, top_k=5, max_new_tokens=9),
-             generate_line("Hello", do_sample=False, max_new_tokens=9, return_full_text=True),
-             json.dumps({"id": "x", "prompt": "Hi", "params": {"seed": 3, "repetition_penalty": 1.3}})]
+    lines = [
+        generate_line("Hello", seed=3, top_k=5, max_new_tokens=9),
+        generate_line("Hello", do_sample=False, max_new_tokens=9, return_full_text=True),
+        json.dumps({"id": "x", "prompt": "Hi", "params": {"seed": 3, "repetition_penalty": 1.3}}),
+    ]
     records = run_lines(model, lines, seed=0, batch_size=8)
     assert records[0]["text"] == model.generate("Hello", seed=3, top_k=5, max_new_tokens=9, return_full_text=False)
     assert records[1]["text"] == model.generate("Hello", do_sample=False, max_new_tokens=9)
-    assert records[2] == {"id": "x", "text": model.generate("Hi", seed=3, repetition_penalty=1.3, max_new_tokens=50,
-                                                            return_full_text=False),
-                          "new_tokens": records[2]["new_tokens"], "finish_reason": records[2]["finish_reason"]}
+    assert records[2] == {
+        "id": "x",
+        "text": model.generate("Hi", seed=3, repetition_penalty=1.3, max_new_tokens=50, return_full_text=False),
+        "new_tokens": records[2]["new_tokens"],
+        "finish_reason": records[2]["finish_reason"],
+    }
 
 
 def test_finish_reasons_length_stop_and_eos(model):
     greedy = {"do_sample": False, "max_new_tokens": 6}
     (ids,) = model.generate_ids([model.tokenizer.encode("Hello")], max_new_tokens=1, do_sample=False)
     first = model.tokenizer.decode(ids)
-    stop_records = run_lines(model, [generate_line("Hello", stop=first[-1:] or "x", **greedy),
-                                     generate_line("Hello", ignore_eos=True, **greedy)])
+    stop_records = run_lines(
+        model,
+        [generate_line("Hello", stop=first[-1:] or "x", **greedy), generate_line("Hello", ignore_eos=True, **greedy)],
+    )
     assert stop_records[0]["finish_reason"] == "stop" and stop_records[0]["new_tokens"] == 1
-    assert stop_records[1] == {"id": 2, "text": model.generate("Hello", **greedy, return_full_text=False),
-                               "new_tokens": 6, "finish_reason": "length"}
+    assert stop_records[1] == {
+        "id": 2,
+        "text": model.generate("Hello", **greedy, return_full_text=False),
+        "new_tokens": 6,
+        "finish_reason": "length",
+    }
     # The same weights with the greedy first token as EOS: the row ends at once, by EOS.
     eos_model = GPT2(dataclasses.replace(model.config, eos_token_id=ids[0]), model.params, model.tokenizer)
     (record,) = run_lines(eos_model, [generate_line("Hello", **greedy)])
@@ -181,8 +219,15 @@ def test_scores_are_perplexitys_with_sliding_windows(model):
     texts = documents(12)
     assert max(len(model.tokenizer.encode(t)) for t in texts) > 64  # several windows
     for prepend_eot in (False, True):
-        records = run_lines(model, [json.dumps({"text": t}) for t in texts], task="score", max_length=64, stride=32,
-                            prepend_eot=prepend_eot, batch_size=5)
+        records = run_lines(
+            model,
+            [json.dumps({"text": t}) for t in texts],
+            task="score",
+            max_length=64,
+            stride=32,
+            prepend_eot=prepend_eot,
+            batch_size=5,
+        )
         for text, record in zip(texts, records):
             want = perplexity(model, text, max_length=64, stride=32, prepend_eot=prepend_eot, progress=False)
             assert record["tokens"] == want["tokens"]
@@ -212,8 +257,24 @@ def test_one_and_two_workers_write_the_same_output(checkpoint, env, tmp_path):
         outputs = []
         for workers in (1, 2):
             out = tmp_path / f"{task}-{workers}.jsonl"
-            result = batch([path, "--task", task, "--model", checkpoint, "--output", out, "--workers", workers,
-                            "--batch-size", 4, "--quiet", *extra], env)
+            result = batch(
+                [
+                    path,
+                    "--task",
+                    task,
+                    "--model",
+                    checkpoint,
+                    "--output",
+                    out,
+                    "--workers",
+                    workers,
+                    "--batch-size",
+                    4,
+                    "--quiet",
+                    *extra,
+                ],
+                env,
+            )
             assert result.returncode in (0, EXIT_LINES_FAILED), result.stderr
             outputs.append(out.read_text())
         assert outputs[0] == outputs[1], task
@@ -228,15 +289,21 @@ def test_resume_after_a_kill_at_a_random_line_loses_and_repeats_nothing(checkpoi
     mid-write would, run it again: the output is the uninterrupted run's, byte for byte (a chunk
     that was partly written is run whole again, so each line is batched as it was)."""
     rng = random.Random(os.getpid())
-    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Line {i} says", "params": {"max_new_tokens": 40}}
-                                               for i in range(30)])
+    path = write_jsonl(
+        tmp_path / "in.jsonl", [{"prompt": f"Line {i} says", "params": {"max_new_tokens": 40}} for i in range(30)]
+    )
     argv = [path, "--task", "generate", "--model", checkpoint, "--seed", "11", "--batch-size", "3", "--quiet"]
     whole = batch([*argv, "--output", tmp_path / "whole.jsonl"], env)
     assert whole.returncode == 0, whole.stderr
     out = tmp_path / "resumed.jsonl"
     kill_at = rng.randint(1, 25)
-    process = subprocess.Popen([sys.executable, "-m", "gpt2np", "batch", *map(str, argv), "--output", str(out)],
-                               env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gpt2np", "batch", *map(str, argv), "--output", str(out)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while process.poll() is None and (not out.exists() or out.read_text().count("\n") < kill_at):
             time.sleep(0.005)
@@ -318,11 +385,20 @@ def test_the_input_is_read_as_a_stream(model):
 
 def test_without_ray_the_job_never_imports_ray(checkpoint, tmp_path):
     path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": "Hi", "params": {"max_new_tokens": 2}}])
-    code = ("import sys\nfrom gpt2np.batch import main\n"
-            f"status = main([{str(path)!r}, '--task', 'generate', '--model', {str(checkpoint)!r}, '--quiet'])\n"
-            "assert status == 0 and 'ray' not in sys.modules, (status, [m for m in sys.modules if 'ray' in m][:3])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=TIMEOUT,
-                            check=False, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    code = (
+        "import sys\nfrom gpt2np.batch import main\n"
+        f"status = main([{str(path)!r}, '--task', 'generate', '--model', {str(checkpoint)!r}, '--quiet'])\n"
+        "assert status == 0 and 'ray' not in sys.modules, (status, [m for m in sys.modules if 'ray' in m][:3])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=TIMEOUT,
+        check=False,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -330,14 +406,35 @@ def test_ctrl_c_stops_the_workers_says_one_line_and_the_job_resumes(checkpoint, 
     """Ctrl-C (SIGINT to the process group, as a terminal sends it) while 2 workers run: status 130,
     one line, no worker left behind; the same command with 1 worker then finishes the file as an
     uninterrupted run writes it."""
-    path = write_jsonl(tmp_path / "in.jsonl", [{"prompt": f"Line {i} says", "params": {"max_new_tokens": 40}}
-                                               for i in range(60)])
-    argv = [sys.executable, "-m", "gpt2np", "batch", str(path), "--task", "generate", "--model", str(checkpoint),
-            "--seed", "4", "--batch-size", "2", "--quiet"]
+    path = write_jsonl(
+        tmp_path / "in.jsonl", [{"prompt": f"Line {i} says", "params": {"max_new_tokens": 40}} for i in range(60)]
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "gpt2np",
+        "batch",
+        str(path),
+        "--task",
+        "generate",
+        "--model",
+        str(checkpoint),
+        "--seed",
+        "4",
+        "--batch-size",
+        "2",
+        "--quiet",
+    ]
     out = tmp_path / "out.jsonl"
-    process = subprocess.Popen([*argv, "--output", str(out), "--workers", "2"], env=env, cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process = subprocess.Popen(
+        [*argv, "--output", str(out), "--workers", "2"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         while process.poll() is None and (not out.exists() or out.read_text().count("\n") < 6):
             time.sleep(0.01)

@@ -16,12 +16,12 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from test_batch import batch, documents, mixed_input, subprocess_env, tiny_checkpoint, write_jsonl
+from test_batch import batch, documents, mixed_input, subprocess_env, tiny_checkpoint, write_jsonl  # noqa: E402 (after importorskip)
 
-from gpt2np import GPT2
-from gpt2np.batch import chunked, read_lines, run_batch
-from gpt2np.batchray import RayWorker, ray_results
-from gpt2np.batchwork import Job
+from gpt2np import GPT2  # noqa: E402
+from gpt2np.batch import chunked, read_lines, run_batch  # noqa: E402
+from gpt2np.batchray import RayWorker, ray_results  # noqa: E402
+from gpt2np.batchwork import Job  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -84,11 +84,14 @@ class DyingOnce(RayWorker):
         return super().__call__(batch)
 
 
-def test_an_actor_that_dies_mid_job_is_retried_without_losing_or_repeating_lines(local_ray, checkpoint, model,
-                                                                                tmp_path):
+def test_an_actor_that_dies_mid_job_is_retried_without_losing_or_repeating_lines(
+    local_ray, checkpoint, model, tmp_path
+):
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors cannot import this test module
-    path = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": f"Line {i} says", "params": {"max_new_tokens": 6}}
-                                               for i in range(12)])
+    path = write_jsonl(
+        tmp_path / "in.jsonl",
+        [{"id": i, "prompt": f"Line {i} says", "params": {"max_new_tokens": 6}} for i in range(12)],
+    )
     folder = tmp_path / "model"
     folder.symlink_to(checkpoint, target_is_directory=True)
     job = Job(model=str(folder), seed=1, batch_size=2)

@@ -35,8 +35,12 @@ TIMEOUT = 120  # seconds; a hung subprocess fails the test instead of the whole 
 def env(tmp_path_factory) -> dict:
     """The environment of every subprocess: no hub to reach, an empty cache, UTF-8 output."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_", "GPT2NP_"))}
-    env.update(HF_ENDPOINT="http://127.0.0.1:9", HF_HUB_OFFLINE="1", PYTHONIOENCODING="utf-8",
-               HF_HUB_CACHE=str(tmp_path_factory.mktemp("empty_cache")))  # fmt: skip
+    env.update(
+        HF_ENDPOINT="http://127.0.0.1:9",
+        HF_HUB_OFFLINE="1",
+        PYTHONIOENCODING="utf-8",
+        HF_HUB_CACHE=str(tmp_path_factory.mktemp("empty_cache")),
+    )
     return env
 
 
@@ -110,13 +114,43 @@ def test_prompt_from_stdin_when_absent_or_dash(tiny_folder, tiny_model, env, mon
 
 
 def test_every_sampling_flag_reaches_generate(tiny_folder, tiny_model, env):
-    argv = ["--model", str(tiny_folder), PROMPT, "--seed", "7", "--max-new-tokens", "15", "--temperature", "0.7",
-            "--top-p", "0.9", "--top-k", "40", "--repetition-penalty", "1.3", "--stop", "\\n", "--stop", "ab",
-            "--no-full-text", "--ignore-eos"]  # fmt: skip
+    argv = [
+        "--model",
+        str(tiny_folder),
+        PROMPT,
+        "--seed",
+        "7",
+        "--max-new-tokens",
+        "15",
+        "--temperature",
+        "0.7",
+        "--top-p",
+        "0.9",
+        "--top-k",
+        "40",
+        "--repetition-penalty",
+        "1.3",
+        "--stop",
+        "\\n",
+        "--stop",
+        "ab",
+        "--no-full-text",
+        "--ignore-eos",
+    ]
     result = run(argv, env)
     assert result.returncode == 0, result.stderr
-    expected = tiny_model.generate(PROMPT, seed=7, max_new_tokens=15, temperature=0.7, top_p=0.9, top_k=40,
-                              repetition_penalty=1.3, stop=["\n", "ab"], return_full_text=False, ignore_eos=True)  # fmt: skip
+    expected = tiny_model.generate(
+        PROMPT,
+        seed=7,
+        max_new_tokens=15,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=40,
+        repetition_penalty=1.3,
+        stop=["\n", "ab"],
+        return_full_text=False,
+        ignore_eos=True,
+    )
     assert result.stdout == expected + "\n"
 
 
@@ -152,8 +186,10 @@ def test_truncate_prompt_keeps_the_last_tokens_that_fit(tiny_folder, tiny_model,
     result = run(argv, env)
     assert result.returncode == 0, result.stderr
     assert result.stdout == tiny_model.generate(" word" * 118, seed=0, max_new_tokens=10) + "\n"  # 128 - 10 tokens kept
-    assert result.stderr == ("generate.py: note: the prompt is too long: kept its last 118 tokens, so that "
-                             "--max-new-tokens 10 fits the 128-token context\n")
+    assert result.stderr == (
+        "generate.py: note: the prompt is too long: kept its last 118 tokens, so that "
+        "--max-new-tokens 10 fits the 128-token context\n"
+    )
     argv = ["--model", str(tiny_folder), prompt, "--truncate-prompt", "--max-new-tokens", "3", "--quiet"]
     status, _, err = run_in_process(argv, monkeypatch, capsys)
     assert (status, err) == (0, "")
@@ -182,33 +218,53 @@ def test_json_request_on_stdin_in_azure_ml_shape(tiny_folder, tiny_model, env):
 def test_json_params_override_flags_and_num_samples_repeats_each_prompt(tiny_folder, tiny_model, tmp_path, capsys):
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"input_data": ["a", "b"], "params": {"max_new_tokens": 4, "seed": 2}}))
-    status = cli.main(["--model", str(tiny_folder), "--json", str(request), "--max-new-tokens", "30", "--seed", "9",
-                       "--num-samples", "2"], prog="gpt2np")  # fmt: skip
+    status = cli.main(
+        [
+            "--model",
+            str(tiny_folder),
+            "--json",
+            str(request),
+            "--max-new-tokens",
+            "30",
+            "--seed",
+            "9",
+            "--num-samples",
+            "2",
+        ],
+        prog="gpt2np",
+    )
     out = capsys.readouterr().out
     assert status == 0
     assert json.loads(out) == tiny_model.generate(["a", "a", "b", "b"], max_new_tokens=4, seed=2)
 
 
-@pytest.mark.parametrize("request_text, needles", [
-    ('{"input_data": ["a"], ', ["is not valid JSON", '"input_data"']),
-    ('["a prompt"]', ["must be a JSON object like"]),
-    ('{"params": {}}', ['no "input_data"']),
-    ('{"input_data": "a prompt"}', ['input_data must be a non-empty list', "wrap a single prompt"]),
-    ('{"input_data": []}', ['input_data must be a non-empty list']),
-    ('{"input_data": ["a", 3]}', ['input_data[1] must be a string, got 3']),
-    ('{"input_data": ["a"], "parameters": {}}', ['unknown key "parameters" in the request', '"params"']),
-    ('{"input_data": ["a"], "params": [1]}', ['params must be a JSON object']),
-    ('{"input_data": ["a"], "params": {"temperature": true}}', ["params.temperature must be a number, got true"]),
-    ('{"input_data": ["a"], "params": {"max_new_tokens": "50"}}',
-     ['params.max_new_tokens must be an integer, got "50"']),
-    ('{"input_data": ["a"], "params": {"do_sample": 1}}', ["params.do_sample must be true or false, got 1"]),
-    ('{"input_data": ["a"], "params": {"seed": -1}}', ["params.seed must be a non-negative integer, got -1"]),
-    ('{"input_data": ["a"], "params": {"top_p": 2}}', ["top_p must be in (0, 1]"]),
-    ('{"input_data": ["a"], "params": {"temperature": NaN}}', ["not valid JSON", "NaN"]),
-    ('{"input_data": {"input_string": ["a"], "params": {}}}', ['unknown key "params" in input_data']),
-    ('{"input_data": {"input_string": ["a"], "parameters": {"top_k": 0}}}',
-     ["input_data.parameters.top_k must be >= 1"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "request_text, needles",
+    [
+        ('{"input_data": ["a"], ', ["is not valid JSON", '"input_data"']),
+        ('["a prompt"]', ["must be a JSON object like"]),
+        ('{"params": {}}', ['no "input_data"']),
+        ('{"input_data": "a prompt"}', ["input_data must be a non-empty list", "wrap a single prompt"]),
+        ('{"input_data": []}', ["input_data must be a non-empty list"]),
+        ('{"input_data": ["a", 3]}', ["input_data[1] must be a string, got 3"]),
+        ('{"input_data": ["a"], "parameters": {}}', ['unknown key "parameters" in the request', '"params"']),
+        ('{"input_data": ["a"], "params": [1]}', ["params must be a JSON object"]),
+        ('{"input_data": ["a"], "params": {"temperature": true}}', ["params.temperature must be a number, got true"]),
+        (
+            '{"input_data": ["a"], "params": {"max_new_tokens": "50"}}',
+            ['params.max_new_tokens must be an integer, got "50"'],
+        ),
+        ('{"input_data": ["a"], "params": {"do_sample": 1}}', ["params.do_sample must be true or false, got 1"]),
+        ('{"input_data": ["a"], "params": {"seed": -1}}', ["params.seed must be a non-negative integer, got -1"]),
+        ('{"input_data": ["a"], "params": {"top_p": 2}}', ["top_p must be in (0, 1]"]),
+        ('{"input_data": ["a"], "params": {"temperature": NaN}}', ["not valid JSON", "NaN"]),
+        ('{"input_data": {"input_string": ["a"], "params": {}}}', ['unknown key "params" in input_data']),
+        (
+            '{"input_data": {"input_string": ["a"], "parameters": {"top_k": 0}}}',
+            ["input_data.parameters.top_k must be >= 1"],
+        ),
+    ],
+)
 def test_malformed_json_requests_are_one_line_errors(request_text, needles, monkeypatch, capsys):
     """Checked before any model is loaded (in-process; the subprocess path is tested below)."""
     result = run_in_process(["--model", "/no/model/needed", "--json", "-"], monkeypatch, capsys, stdin=request_text)
@@ -216,44 +272,72 @@ def test_malformed_json_requests_are_one_line_errors(request_text, needles, monk
 
 
 # ---------------------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("argv, stdin, needles", [
-    (["x", "--top-p", "2"], None, ["argument --top-p: must be in (0, 1]", "--help"]),  # a bad flag value
-    (["x", "--model", "/no/such/folder"], None, ["cannot load the model '/no/such/folder'", "existing folder"]),
-    (["x", "--model", "someorg/missing"], None, ["cannot load the model 'someorg/missing': "]),
-    (["one" + " word" * 200], None, ["the prompt is 201 tokens, which leaves no room to generate",
-                                     "128-token context", "--truncate-prompt to keep its last 78 tokens"]),
-    (["--json", "-"], '{"input_data": ["a"], "params": {', ["the request on stdin: the request is not valid JSON"]),
-    (["--json", "-"], '{"input_data": ["a"], "params": {"num_beams": 4}}',
-     ['unknown param "num_beams"', "top_p, temperature, max_new_tokens, do_sample, return_full_text"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, stdin, needles",
+    [
+        (["x", "--top-p", "2"], None, ["argument --top-p: must be in (0, 1]", "--help"]),  # a bad flag value
+        (["x", "--model", "/no/such/folder"], None, ["cannot load the model '/no/such/folder'", "existing folder"]),
+        (["x", "--model", "someorg/missing"], None, ["cannot load the model 'someorg/missing': "]),
+        (
+            ["one" + " word" * 200],
+            None,
+            [
+                "the prompt is 201 tokens, which leaves no room to generate",
+                "128-token context",
+                "--truncate-prompt to keep its last 78 tokens",
+            ],
+        ),
+        (["--json", "-"], '{"input_data": ["a"], "params": {', ["the request on stdin: the request is not valid JSON"]),
+        (
+            ["--json", "-"],
+            '{"input_data": ["a"], "params": {"num_beams": 4}}',
+            ['unknown param "num_beams"', "top_p, temperature, max_new_tokens, do_sample, return_full_text"],
+        ),
+    ],
+)
 def test_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, tiny_folder, env, tmp_path):
     argv = ["--model", str(tiny_folder), *argv] if "--model" not in argv else argv
     assert_usage_error(run(argv, env, stdin=stdin, cwd=tmp_path), *needles)
 
 
-@pytest.mark.parametrize("argv, stdin, needles", [
-    (["x", "--temprature", "1"], "", ["unrecognized arguments: --temprature"]),
-    (["x", "--temperature", "hot"], "", ["argument --temperature: must be a number, got 'hot'"]),
-    (["x", "--temperature", "inf"], "", ["argument --temperature: must be a finite number"]),
-    (["x", "--max-new-tokens", "0"], "", ["argument --max-new-tokens: must be at least 1"]),
-    (["x", "--top-k", "1.5"], "", ["argument --top-k: must be an integer"]),
-    (["x", "--seed", "-3"], "", ["argument --seed: must be 0 or more"]),
-    (["x", "--repetition-penalty", "0"], "", ["argument --repetition-penalty: must be more than 0"]),
-    (["x", "--stop", ""], "", ["argument --stop: must not be empty"]),
-    (["x", "--temperature", "0"], "", ["--temperature must be > 0 when sampling", "--greedy"]),
-    (["x", "--json", "request.json"], "", ["either a PROMPT or --json FILE"]),
-    (["--json", "missing.json"], "", ["--json missing.json: no such file"]),
-    ([], "", ["stdin was empty"]),
-    (["--json", "-", "--stream"], "{}", ["--stream cannot be used with --json"]),
-    (["a prompt", "--max-new-tokens", "127"], "", ["the prompt is 2 tokens", "lower --max-new-tokens to 126"]),
-    (["x", "--max-new-tokens", "128", "--truncate-prompt"], "", ["leaves no room for a prompt", "at most 127"]),
-    (["--json", "-"], '{"input_data": ["a"], "params": {"max_new_tokens": 500}}',
-     ["params.max_new_tokens is 500, more than the model's 128-token context", "lower params.max_new_tokens to 127"]),
-    (["--json", "-"], json.dumps({"input_data": ["a", "b" * 300], "params": {"max_new_tokens": 100}}),
-     ["input_data[1] is 150 tokens, which leaves no room", "or pass --truncate-prompt"]),
-    (["--json", "-", "--max-new-tokens", "100"], json.dumps({"input_data": [" a" * 50]}),  # a flag, not a param
-     ["input_data[0] is 50 tokens and --max-new-tokens is 100", "lower --max-new-tokens to 78"]),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv, stdin, needles",
+    [
+        (["x", "--temprature", "1"], "", ["unrecognized arguments: --temprature"]),
+        (["x", "--temperature", "hot"], "", ["argument --temperature: must be a number, got 'hot'"]),
+        (["x", "--temperature", "inf"], "", ["argument --temperature: must be a finite number"]),
+        (["x", "--max-new-tokens", "0"], "", ["argument --max-new-tokens: must be at least 1"]),
+        (["x", "--top-k", "1.5"], "", ["argument --top-k: must be an integer"]),
+        (["x", "--seed", "-3"], "", ["argument --seed: must be 0 or more"]),
+        (["x", "--repetition-penalty", "0"], "", ["argument --repetition-penalty: must be more than 0"]),
+        (["x", "--stop", ""], "", ["argument --stop: must not be empty"]),
+        (["x", "--temperature", "0"], "", ["--temperature must be > 0 when sampling", "--greedy"]),
+        (["x", "--json", "request.json"], "", ["either a PROMPT or --json FILE"]),
+        (["--json", "missing.json"], "", ["--json missing.json: no such file"]),
+        ([], "", ["stdin was empty"]),
+        (["--json", "-", "--stream"], "{}", ["--stream cannot be used with --json"]),
+        (["a prompt", "--max-new-tokens", "127"], "", ["the prompt is 2 tokens", "lower --max-new-tokens to 126"]),
+        (["x", "--max-new-tokens", "128", "--truncate-prompt"], "", ["leaves no room for a prompt", "at most 127"]),
+        (
+            ["--json", "-"],
+            '{"input_data": ["a"], "params": {"max_new_tokens": 500}}',
+            [
+                "params.max_new_tokens is 500, more than the model's 128-token context",
+                "lower params.max_new_tokens to 127",
+            ],
+        ),
+        (
+            ["--json", "-"],
+            json.dumps({"input_data": ["a", "b" * 300], "params": {"max_new_tokens": 100}}),
+            ["input_data[1] is 150 tokens, which leaves no room", "or pass --truncate-prompt"],
+        ),
+        (
+            ["--json", "-", "--max-new-tokens", "100"],
+            json.dumps({"input_data": [" a" * 50]}),  # a flag, not a param
+            ["input_data[0] is 50 tokens and --max-new-tokens is 100", "lower --max-new-tokens to 78"],
+        ),
+    ],
+)
 def test_more_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, tiny_folder, monkeypatch, capsys):
     result = run_in_process(["--model", str(tiny_folder), *argv], monkeypatch, capsys, stdin=stdin)
     assert_one_line_error(*result, *needles)
@@ -263,8 +347,13 @@ def test_more_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, tiny
 def test_a_prompt_that_fills_the_context_is_told_to_shorten(n, tiny_folder, monkeypatch, capsys):
     """Not to lower --max-new-tokens to 0 or below: no number of new tokens would make it fit."""
     status, out, err = run_in_process(["--model", str(tiny_folder), " a" * n], monkeypatch, capsys)
-    assert_one_line_error(status, out, err, f"the prompt is {n} tokens, which leaves no room to generate in the "
-                          "model's 128-token context; shorten it", "--truncate-prompt to keep its last 78 tokens")
+    assert_one_line_error(
+        status,
+        out,
+        err,
+        f"the prompt is {n} tokens, which leaves no room to generate in the model's 128-token context; shorten it",
+        "--truncate-prompt to keep its last 78 tokens",
+    )
     assert "lower --max-new-tokens" not in err
 
 
@@ -300,11 +389,25 @@ def test_no_prompt_and_stdin_a_terminal(tiny_folder, env):
 def test_ctrl_c_exits_130_and_keeps_what_was_printed(tmp_path, env):
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=1024)  # room for a long generation
     save_checkpoint(tmp_path / "long", config, random_state_dict(config, seed=1))
-    argv = ["--model", str(tmp_path / "long"), PROMPT, "--max-new-tokens", "1000", "--ignore-eos", "--seed", "0",
-            "--stream"]
-    process = subprocess.Popen([sys.executable, str(SCRIPT), *argv], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, env=env,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
+    argv = [
+        "--model",
+        str(tmp_path / "long"),
+        PROMPT,
+        "--max-new-tokens",
+        "1000",
+        "--ignore-eos",
+        "--seed",
+        "0",
+        "--stream",
+    ]
+    process = subprocess.Popen(
+        [sys.executable, str(SCRIPT), *argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         printed = b""
         while len(printed) <= len(PROMPT):  # the prompt, then at least one generated piece
@@ -333,8 +436,14 @@ def test_ctrl_c_exits_130_and_keeps_what_was_printed(tmp_path, env):
 def test_a_full_disk_is_one_line_and_status_1(flags, tiny_folder, env):
     """Once "internal error ... please report it"."""
     with open("/dev/full", "w") as full:
-        result = subprocess.run([sys.executable, str(SCRIPT), "--model", str(tiny_folder), PROMPT, *flags],
-                                stdin=subprocess.DEVNULL, stdout=full, stderr=subprocess.PIPE, env=env, timeout=TIMEOUT)
+        result = subprocess.run(
+            [sys.executable, str(SCRIPT), "--model", str(tiny_folder), PROMPT, *flags],
+            stdin=subprocess.DEVNULL,
+            stdout=full,
+            stderr=subprocess.PIPE,
+            env=env,
+            timeout=TIMEOUT,
+        )
     assert result.returncode == 1
     assert result.stderr.decode() == "generate.py: error: cannot write the output: No space left on device\n"
 
@@ -347,8 +456,9 @@ def test_a_closed_stdout_is_one_line_and_status_1(argv, tiny_folder, env):
     if argv[0] == "download":
         command = command[:-2]
     closed = {"preexec_fn": lambda: os.close(1)}  # the child starts without a descriptor 1
-    result = subprocess.run(command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO,
-                            timeout=TIMEOUT, **closed)
+    result = subprocess.run(
+        command, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, cwd=REPO, timeout=TIMEOUT, **closed
+    )
     assert result.returncode == 1
     assert result.stderr.decode() == "python -m gpt2np: error: cannot write the output: stdout is closed\n"
 
@@ -371,12 +481,28 @@ def test_ctrl_c_while_importing_exits_130_without_a_traceback(tmp_path, env):
     callback ("Exception ignored"), or pass through exec() (CPython then ends the process by SIGINT)."""
     config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=1024)  # a long generation, should no signal land
     save_checkpoint(tmp_path / "long", config, random_state_dict(config, seed=1))
-    argv = [sys.executable, "-m", "gpt2np", PROMPT, "--model", str(tmp_path / "long"), "--max-new-tokens", "1000",
-            "--ignore-eos"]
+    argv = [
+        sys.executable,
+        "-m",
+        "gpt2np",
+        PROMPT,
+        "--model",
+        str(tmp_path / "long"),
+        "--max-new-tokens",
+        "1000",
+        "--ignore-eos",
+    ]
     for extra in (0, 0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08):  # after NumPy's core is mapped
         started = time.monotonic()
-        process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                   env=env, cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        process = subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=env,
+            cwd=REPO,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
         try:
             wait_until_mapped(process, "_multiarray_umath")
             time.sleep(extra)
@@ -393,10 +519,28 @@ def test_ctrl_c_in_eval_is_said_once(tiny_folder, env, tmp_path):
     """`gpt2np eval` runs inside gpt2np's own main: once both said they were interrupted."""
     data = tmp_path / "ptb.test.txt"
     data.write_text(" the cat sat on the mat \n" * 200_000)  # seconds of tokenizing and scoring
-    argv = [sys.executable, "-m", "gpt2np", "eval", "--model", str(tiny_folder), "--task", "ptb", "--data", str(data),
-            "--quiet"]
-    process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               env=env, cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    argv = [
+        sys.executable,
+        "-m",
+        "gpt2np",
+        "eval",
+        "--model",
+        str(tiny_folder),
+        "--task",
+        "ptb",
+        "--data",
+        str(data),
+        "--quiet",
+    ]
+    process = subprocess.Popen(
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=REPO,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         time.sleep(1.0)  # importing, loading, tokenizing or scoring: wherever it lands, the command is running
         process.send_signal(signal.SIGINT)
@@ -478,13 +622,16 @@ def test_serve_and_eval_pass_their_arguments_through(command, module, monkeypatc
     assert received == [["--port", "8000", "--", "-x"]]
 
 
-@pytest.mark.parametrize("argv, needles", [
-    (["serve", "--port", "99999"], ["argument --port: must be in 0..65535", "(see gpt2np serve --help)"]),
-    (["serve", "--max-queue", "0"], ["argument --max-queue: must be at least 1, got 0"]),
-    (["serve", "--model", "/nonexistent"], ["cannot load the model '/nonexistent': no checkpoint folder"]),
-    (["eval", "--model", "/nonexistent", "--task", "ptb", "--data", "x"], ["cannot load the model '/nonexistent'"]),
-    (["eval", "--task", "nope"], ["argument --task: invalid choice: 'nope'"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["serve", "--port", "99999"], ["argument --port: must be in 0..65535", "(see gpt2np serve --help)"]),
+        (["serve", "--max-queue", "0"], ["argument --max-queue: must be at least 1, got 0"]),
+        (["serve", "--model", "/nonexistent"], ["cannot load the model '/nonexistent': no checkpoint folder"]),
+        (["eval", "--model", "/nonexistent", "--task", "ptb", "--data", "x"], ["cannot load the model '/nonexistent'"]),
+        (["eval", "--task", "nope"], ["argument --task: invalid choice: 'nope'"]),
+    ],
+)
 def test_serve_and_eval_keep_the_one_line_promise(argv, needles, env):
     """The same parser and errors as generate: once five lines of usage (a bad --port) or status 1 (no model)."""
     assert_usage_error(run(argv, env, module=True), *needles, prog=f"gpt2np {argv[0]}")

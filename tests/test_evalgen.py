@@ -19,8 +19,7 @@ import sys
 import numpy as np
 import pytest
 
-from gpt2np import GPT2, GPT2Config
-from gpt2np import evaluate
+from gpt2np import GPT2, GPT2Config, evaluate
 from gpt2np.checkpoint import random_state_dict, save_checkpoint
 from gpt2np.evaluate import (
     MissingExtra,
@@ -37,11 +36,16 @@ from gpt2np.evaluate import (
 from gpt2np.sampling import row_generators
 
 SMALL = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_ctx=128)
-STORY = ("The city council met on Tuesday. It voted to build a new bridge over the river. "
-         "Mr. Smith, the mayor, said the work would start in the spring. Residents welcomed the news. ")
+STORY = (
+    "The city council met on Tuesday. It voted to build a new bridge over the river. "
+    "Mr. Smith, the mayor, said the work would start in the spring. Residents welcomed the news. "
+)
 ARTICLES = [
-    {"id": f"a{i}", "article": STORY * (1 + i % 3) + f"Article number {i}.",
-     "highlights": "Council votes for a new bridge .\nWork starts in spring ."}
+    {
+        "id": f"a{i}",
+        "article": STORY * (1 + i % 3) + f"Article number {i}.",
+        "highlights": "Council votes for a new bridge .\nWork starts in spring .",
+    }
     for i in range(5)
 ]  # lengths differ, so batches are ragged; article 2 is cut to fit the 128-token context
 
@@ -183,8 +187,10 @@ def test_summaries_are_the_seeded_generation_whatever_the_batch(small):
     assert [a["generated"] for a in one["articles"]] == [a["generated"] for a in three["articles"]]
     assert {k: one[k] for k in evaluate.ROUGE_TYPES} == {k: three[k] for k in evaluate.ROUGE_TYPES}
     # Article i draws from the seed's i-th child: exactly what one generate call over every article gives.
-    prompts = [summary_prompt(small.tokenizer, a, small.tokenizer.encode("\nTL;DR:"), room=128 - 12)[0]
-               for a, _ in pairs(ARTICLES)]
+    prompts = [
+        summary_prompt(small.tokenizer, a, small.tokenizer.encode("\nTL;DR:"), room=128 - 12)[0]
+        for a, _ in pairs(ARTICLES)
+    ]
     ids = small.generate_ids(prompts, max_new_tokens=12, top_k=2, temperature=1.0, seed=7)
     assert [a["generated"] for a in one["articles"]] == [small.tokenizer.decode(i) for i in ids]
     # --limit keeps the first articles' summaries as they were.
@@ -196,10 +202,28 @@ def test_summaries_are_the_seeded_generation_whatever_the_batch(small):
 
 def test_summarize_reports_the_method_and_each_article(small):
     result = summarize(small, pairs(ARTICLES), max_new_tokens=12, seed=0, progress=False)
-    assert {key: result[key] for key in ("suffix", "top_k", "temperature", "max_new_tokens", "sentences", "seed",
-                                          "truncation", "use_stemmer")} == {
-        "suffix": "\nTL;DR:", "top_k": 2, "temperature": 1.0, "max_new_tokens": 12, "sentences": 3, "seed": 0,
-        "truncation": "keep_start", "use_stemmer": True}
+    assert {
+        key: result[key]
+        for key in (
+            "suffix",
+            "top_k",
+            "temperature",
+            "max_new_tokens",
+            "sentences",
+            "seed",
+            "truncation",
+            "use_stemmer",
+        )
+    } == {
+        "suffix": "\nTL;DR:",
+        "top_k": 2,
+        "temperature": 1.0,
+        "max_new_tokens": 12,
+        "sentences": 3,
+        "seed": 0,
+        "truncation": "keep_start",
+        "use_stemmer": True,
+    }
     articles = result["articles"]
     assert result["examples"] == len(articles) == 5
     assert result["tokens"] == sum(a["new_tokens"] for a in articles) <= 5 * 12
@@ -249,13 +273,19 @@ def test_read_cnn_dailymail_jsonl_and_csv(tmp_path):
 
 
 def test_billion_word_detokenizer():
-    assert billion_word_detokenize("The company 's shares rose 5 % to $ 3.50 , analysts said .") == \
-        "The company's shares rose 5% to $3.50, analysts said."
+    assert (
+        billion_word_detokenize("The company 's shares rose 5 % to $ 3.50 , analysts said .")
+        == "The company's shares rose 5% to $3.50, analysts said."
+    )
     assert billion_word_detokenize('He said " we do n\'t know " ( really ) .') == 'He said "we don\'t know" (really).'
-    assert billion_word_detokenize("I don 't think so : the 10 : 30 train ; see http : / / example.com / a ?") == \
-        "I don't think so: the 10:30 train; see http://example.com/a?"
-    assert billion_word_detokenize('" Yes , " he said !\nIt costs £ 5 and / or more .') == \
-        '"Yes," he said!\nIt costs £5 and/or more.'
+    assert (
+        billion_word_detokenize("I don 't think so : the 10 : 30 train ; see http : / / example.com / a ?")
+        == "I don't think so: the 10:30 train; see http://example.com/a?"
+    )
+    assert (
+        billion_word_detokenize('" Yes , " he said !\nIt costs £ 5 and / or more .')
+        == '"Yes," he said!\nIt costs £5 and/or more.'
+    )
     assert billion_word_detokenize("The players ' union said so .") == "The players ' union said so."  # ambiguous: kept
 
 
@@ -269,10 +299,14 @@ def direct_line_log_probs(model, line, *, eos=True):
     return log_softmax[np.arange(len(ids) - 1), ids[1:]]
 
 
-LINES = ["The company's shares rose 5%, analysts said.", "Yes.", "He said \"we don't know\" (really).",
-         "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-         "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
-         "it was the season of Darkness, it was the spring of hope, it was the winter of despair."]
+LINES = [
+    "The company's shares rose 5%, analysts said.",
+    "Yes.",
+    'He said "we don\'t know" (really).',
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    "foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, "
+    "it was the season of Darkness, it was the spring of hope, it was the winter of despair.",
+]
 
 
 def test_lines_scored_in_batches_equal_each_line_scored_alone(small):
@@ -299,10 +333,12 @@ def test_line_perplexity_per_token_and_per_word(small):
     assert result["eos"] is True and result["prepend_eot"] is True
 
 
-ONE_BW = ("The company 's shares rose 5 % , analysts said .\n"
-          "\n"
-          "He said \" we do n't know \" .\n"
-          "Officials declined to comment .\n")
+ONE_BW = (
+    "The company 's shares rose 5 % , analysts said .\n"
+    "\n"
+    'He said " we do n\'t know " .\n'
+    "Officials declined to comment .\n"
+)
 
 
 def test_command_1bw(small_folder, tmp_path, capsys):
@@ -343,8 +379,23 @@ def test_command_cnn_dailymail_json_and_table(small_folder, tmp_path, capsys):
     status, again, _ = run(capsys, *argv, "--json", "--quiet", "--batch-size", 5)
     assert json.loads(again)["articles"] == report["articles"]  # same seed, other batch size: same summaries
     csv_data = write_csv(tmp_path / "test.csv", ARTICLES)
-    status, out, err = run(capsys, *argv[:-4], "--data", csv_data, *argv[-2:], "--limit", 2, "--top-k", 3,
-                           "--sentences", 1, "--seed", 3, "--suffix", "\\nSummary:")
+    status, out, err = run(
+        capsys,
+        *argv[:-4],
+        "--data",
+        csv_data,
+        *argv[-2:],
+        "--limit",
+        2,
+        "--top-k",
+        3,
+        "--sentences",
+        1,
+        "--seed",
+        3,
+        "--suffix",
+        "\\nSummary:",
+    )
     assert status == 0
     assert "29.34" in out and "28.78" in out and "GPT-2 1.5B" in out and "random 3 sentences (paper)" in out
     assert "suffix='\\nSummary:'" in out and "top_k=3" in out and "sentences=1" in out and "seed=3" in out
@@ -358,8 +409,12 @@ ONE_ARTICLE = '{"article": "a", "highlights": "b"}\n'
 @pytest.mark.parametrize(
     "task, content, args, message",
     [
-        ("cnn_dailymail", '{"text": "an article"}\n', [],
-         "line 1: expected the fields 'article' and 'highlights' (the columns of cnn_dailymail 3.0.0), got 'text'"),
+        (
+            "cnn_dailymail",
+            '{"text": "an article"}\n',
+            [],
+            "line 1: expected the fields 'article' and 'highlights' (the columns of cnn_dailymail 3.0.0), got 'text'",
+        ),
         ("cnn_dailymail", "id,text\n1,an article\n", [], "expected the columns 'article' and 'highlights'"),
         ("cnn_dailymail", '{"article": "x", "highlights": ""}\n', [], "'highlights' must be a non-empty string"),
         ("cnn_dailymail", "{oops\n", [], "line 1: expected a JSON object"),

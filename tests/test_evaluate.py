@@ -20,10 +20,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpt2np import GPT2, GPT2Config
-from gpt2np import evaluate
+from gpt2np import GPT2, GPT2Config, evaluate
 from gpt2np.checkpoint import random_state_dict, save_checkpoint
-from gpt2np.model import causal_mask, gpt2, lm_head
 from gpt2np.evaluate import (
     cbt,
     cbt_detokenize,
@@ -40,6 +38,7 @@ from gpt2np.evaluate import (
     split_last_word,
     wikitext_detokenize,
 )
+from gpt2np.model import causal_mask, gpt2, lm_head
 
 SMALL = GPT2Config(n_layer=2, n_head=2, n_embd=64, n_ctx=64)
 PROSE = (
@@ -75,8 +74,13 @@ def greedy_tokens(model, ids, n):
     ids = list(ids)
     for _ in range(n):
         T = len(ids)
-        x = gpt2(np.array([ids]), np.arange(T)[None], model.params, model.config,
-                 mask=causal_mask(np.ones((1, T), dtype=bool), 0, T))  # fmt: skip
+        x = gpt2(
+            np.array([ids]),
+            np.arange(T)[None],
+            model.params,
+            model.config,
+            mask=causal_mask(np.ones((1, T), dtype=bool), 0, T),
+        )
         ids.append(int(np.argmax(lm_head(x[0, -1], model.lm_head_weight))))
     return ids[-n:]
 
@@ -350,9 +354,12 @@ def test_cbt_reads_the_release_format_and_picks_the_likeliest_completion(small, 
     examples = read_cbt(path)
     assert [e.answer for e in examples] == ["ship", "Mary"] and examples[1].candidates == ("lamb", "snow", "Mary")
     context, continuations = cloze_choices(examples[0])
-    assert context == "\"Well,\" said the old man, \"I don't know. The boy looked at the sea and the ship. The"
-    assert continuations == [' sea was gone by morning," he said.', ' ship was gone by morning," he said.',
-                             ' man was gone by morning," he said.']  # fmt: skip
+    assert context == '"Well," said the old man, "I don\'t know. The boy looked at the sea and the ship. The'
+    assert continuations == [
+        ' sea was gone by morning," he said.',
+        ' ship was gone by morning," he said.',
+        ' man was gone by morning," he said.',
+    ]
     picks = []
     for example in examples:
         context, continuations = cloze_choices(example)
@@ -361,8 +368,10 @@ def test_cbt_reads_the_release_format_and_picks_the_likeliest_completion(small, 
     result = cbt(small, examples, progress=False, batch_size=2)
     assert result == {"accuracy": float(np.mean(picks)), "examples": 2, "detokenizer": "cbt", "prepend_eot": False}
     # Answer each question with the model's own pick: accuracy 1.
-    chosen = [dataclasses.replace(e, answer=e.candidates[multiple_choice(small, *cloze_choices(e), progress=False)["best"]])
-              for e in examples]  # fmt: skip
+    chosen = [
+        dataclasses.replace(e, answer=e.candidates[multiple_choice(small, *cloze_choices(e), progress=False)["best"]])
+        for e in examples
+    ]
     assert cbt(small, chosen, progress=False)["accuracy"] == 1.0
 
 
@@ -388,9 +397,14 @@ def test_malformed_cbt_files_are_named(tmp_path, content, message):
 
 
 def test_wikitext_detokenizer():
-    raw = (' \n = = Early life = = \n The 1 @,@ 000 @-@ year state @-@ of @-@ the @-@ art ( see below ) , '
-           '3 @.@ 5 m ; " quoted " . \n')
-    assert wikitext_detokenize(raw) == '\n== Early life ==\nThe 1,000-year state-of-the-art (see below), 3.5 m; "quoted".\n'
+    raw = (
+        " \n = = Early life = = \n The 1 @,@ 000 @-@ year state @-@ of @-@ the @-@ art ( see below ) , "
+        '3 @.@ 5 m ; " quoted " . \n'
+    )
+    assert (
+        wikitext_detokenize(raw)
+        == '\n== Early life ==\nThe 1,000-year state-of-the-art (see below), 3.5 m; "quoted".\n'
+    )
     assert wikitext_detokenize("the players ' union 's rules") == "the players' union's rules"
 
 
@@ -421,9 +435,15 @@ def test_read_lambada_json_lines_and_plain_text(tmp_path):
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b"", "is empty"), (b"  \n\n", "is empty"), (b'{"text": "a b"}\n{"txt": "c d"}\n', "line 2"),
-     (b'{"text": "a b"}\n{not json\n', "line 2"), (b'{"text": 3}\n', "must be a string"), (b"\xff\xfe bad", "not UTF-8")],
-)  # fmt: skip
+    [
+        (b"", "is empty"),
+        (b"  \n\n", "is empty"),
+        (b'{"text": "a b"}\n{"txt": "c d"}\n', "line 2"),
+        (b'{"text": "a b"}\n{not json\n', "line 2"),
+        (b'{"text": 3}\n', "must be a string"),
+        (b"\xff\xfe bad", "not UTF-8"),
+    ],
+)
 def test_malformed_lambada_files_are_named(tmp_path, content, message):
     path = tmp_path / "lambada.jsonl"
     path.write_bytes(content)
@@ -484,17 +504,33 @@ def test_command_wikitext_reports_canonical_word_perplexity(small_folder, tmp_pa
     data = tmp_path / "wiki.test.tokens"
     original = " = Title = \n \n The 1 @,@ 000 @-@ year reign ended . \n It was n't long . \n"
     data.write_text(original)
-    status, out, _ = run(capsys, "--model", small_folder, "--task", "wikitext2", "--data", data, "--json", "--quiet",
-                         "--max-length", 16, "--stride", 8)  # fmt: skip
+    status, out, _ = run(
+        capsys,
+        "--model",
+        small_folder,
+        "--task",
+        "wikitext2",
+        "--data",
+        data,
+        "--json",
+        "--quiet",
+        "--max-length",
+        16,
+        "--stride",
+        8,
+    )
     assert status == 0
     metrics = json.loads(out)["metrics"]
-    expected = perplexity(GPT2.from_pretrained(small_folder), wikitext_detokenize(original), max_length=16, stride=8,
-                          progress=False)  # fmt: skip
+    expected = perplexity(
+        GPT2.from_pretrained(small_folder), wikitext_detokenize(original), max_length=16, stride=8, progress=False
+    )
     assert metrics["words"] == count_words(original, eos_per_line=True) == 17 + 4
     assert metrics["nll"] == pytest.approx(expected["nll"], rel=1e-9)
     assert metrics["ppl_word"] == pytest.approx(math.exp(expected["nll"] * expected["tokens"] / 21), rel=1e-9)
     assert metrics["detokenizer"] == "wikitext" and metrics["stride"] == 8
-    status, out, _ = run(capsys, "--model", small_folder, "--task", "wikitext103", "--data", data, "--quiet", "--limit", 5)
+    status, out, _ = run(
+        capsys, "--model", small_folder, "--task", "wikitext103", "--data", data, "--quiet", "--limit", 5
+    )
     assert status == 0 and "37.50" in out and "n/a (--limit)" in out
 
 
@@ -524,8 +560,12 @@ def test_command_enwik8_and_cbt(small_folder, tmp_path, capsys):
     ],
 )
 def test_command_errors_are_one_line_with_status_2(small_folder, tmp_path, capsys, args, message):
-    files = {"missing": tmp_path / "missing.txt", "empty": tmp_path / "empty.txt", "bad": tmp_path / "bad.jsonl",
-             "text": tmp_path / "ptb.test.txt"}  # fmt: skip
+    files = {
+        "missing": tmp_path / "missing.txt",
+        "empty": tmp_path / "empty.txt",
+        "bad": tmp_path / "bad.jsonl",
+        "text": tmp_path / "ptb.test.txt",
+    }
     files["empty"].write_text("")
     files["bad"].write_text("{oops\n")
     files["text"].write_text(" the cat sat on the mat \n" * 10)
@@ -589,8 +629,9 @@ def server(monkeypatch):
 
 def source_for(server, *paths):
     body = server.body
-    return evaluate.DataSource("lambada_test.jsonl", hashlib.sha256(body).hexdigest(), len(body),
-                               tuple(server.url + p for p in paths))  # fmt: skip
+    return evaluate.DataSource(
+        "lambada_test.jsonl", hashlib.sha256(body).hexdigest(), len(body), tuple(server.url + p for p in paths)
+    )
 
 
 def test_download_checks_sha256_and_caches(server, tmp_path, capsys):
@@ -693,7 +734,11 @@ def torch_lambada(model, tokenizer, passages):
         hits.append(bool((logits.argmax(-1) == torch.tensor(tgt)).all()))
         nll.append(-float(log_probs.sum()))
         tokens += len(tgt)
-    return {"accuracy": float(np.mean(hits)), "ppl": math.exp(sum(nll) / tokens), "ppl_word": math.exp(sum(nll) / len(nll))}
+    return {
+        "accuracy": float(np.mean(hits)),
+        "ppl": math.exp(sum(nll) / tokens),
+        "ppl_word": math.exp(sum(nll) / len(nll)),
+    }
 
 
 def relative(a, b):
@@ -710,8 +755,10 @@ def test_perplexity_matches_transformers(full_size, max_length, stride):
     want = torch_perplexity(theirs, ids, max_length=max_length, stride=stride)
     assert got["tokens"] == want["tokens"] == len(ids) - 1
     worst = max(relative(got["ppl"], want["ppl"]), relative(got["nll"], want["nll"]))
-    print(f"\nperplexity max_length={max_length} stride={stride}: {len(ids)} tokens, ppl {got['ppl']:.6f} vs "
-          f"{want['ppl']:.6f}, worst relative difference {worst:.2e}")  # fmt: skip
+    print(
+        f"\nperplexity max_length={max_length} stride={stride}: {len(ids)} tokens, ppl {got['ppl']:.6f} vs "
+        f"{want['ppl']:.6f}, worst relative difference {worst:.2e}"
+    )
     assert worst < 1e-4
 
 
@@ -729,8 +776,10 @@ def test_lambada_matches_transformers(full_size):
     want = torch_lambada(theirs, ours.tokenizer, passages)
     assert 0 < got["accuracy"] < 1 and got["accuracy"] == want["accuracy"]
     worst = max(relative(got["ppl"], want["ppl"]), relative(got["ppl_word"], want["ppl_word"]))
-    print(f"\nlambada: {len(passages)} passages, accuracy {got['accuracy']:.4f} vs {want['accuracy']:.4f}, "
-          f"ppl {got['ppl']:.4f} vs {want['ppl']:.4f}, worst relative difference {worst:.2e}")  # fmt: skip
+    print(
+        f"\nlambada: {len(passages)} passages, accuracy {got['accuracy']:.4f} vs {want['accuracy']:.4f}, "
+        f"ppl {got['ppl']:.4f} vs {want['ppl']:.4f}, worst relative difference {worst:.2e}"
+    )
     assert worst < 1e-4
 
 
@@ -786,7 +835,7 @@ def test_multiple_choice_and_cbt_equal_the_uncached_path(small, tmp_path):
             assert result["best"] == int(np.argmax(old_scores))
             picks.append(example.candidates[result["best"]] == example.answer)
         result = cbt(small, examples, prepend_eot=prepend_eot, progress=False, batch_size=2)
-        assert result["accuracy"] == float(np.mean(picks[-len(examples):]))
+        assert result["accuracy"] == float(np.mean(picks[-len(examples) :]))
 
 
 def test_long_context_falls_back_to_the_left_cut(small):

@@ -24,6 +24,7 @@ from gpt2np.sampling import (
     warp,
 )
 
+
 def decode(model, prompts, options, rngs):
     """The engine over rows with options of their own: yields, after each choice, the engine, and
     {prompt index: token} for the rows that produced one (before the step that feeds them)."""
@@ -56,10 +57,18 @@ def test_greedy_ids_match_transformers(gpt2_pair):
     batch = ours.generate_ids(prompts, max_new_tokens=40, do_sample=False, ignore_eos=True)
     for prompt, got in zip(prompts, batch):
         with torch.no_grad():
-            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                              max_new_tokens=40, do_sample=False, pad_token_id=50256, eos_token_id=None)  # fmt: skip
+            out = hf.generate(
+                torch.tensor([prompt]),
+                attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                max_new_tokens=40,
+                do_sample=False,
+                pad_token_id=50256,
+                eos_token_id=None,
+            )
         expected = out[0, len(prompt) :].tolist()
-        assert got == expected, f"first difference at {next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)}"
+        assert got == expected, (
+            f"first difference at {next(i for i, (a, b) in enumerate(zip(got, expected)) if a != b)}"
+        )
         assert ours.generate_ids([prompt], max_new_tokens=40, do_sample=False, ignore_eos=True)[0] == got
 
 
@@ -79,8 +88,16 @@ def test_sampling_warpers_match_transformers():
     ties = np.zeros(V, np.float32)
     ties[:10] = 5.0  # ten tied favourites
     cases.append(ties)
-    settings = [(1.0, None, 0.9), (0.7, None, 0.5), (1.3, 50, 0.95), (1.0, 10, 1.0), (0.8, V + 5, 1.0),
-                (1.0, None, 1e-9), (1.0, 3, 0.999), (2.0, None, 0.3)]  # fmt: skip
+    settings = [
+        (1.0, None, 0.9),
+        (0.7, None, 0.5),
+        (1.3, 50, 0.95),
+        (1.0, 10, 1.0),
+        (0.8, V + 5, 1.0),
+        (1.0, None, 1e-9),
+        (1.0, 3, 0.999),
+        (2.0, None, 0.3),
+    ]
     for c, logits in enumerate(cases):
         for temperature, top_k, top_p in settings:
             scores = torch.tensor(logits.copy())[None]
@@ -109,7 +126,11 @@ def test_sampling_warpers_match_transformers():
                 tied = np.isin(logits[differ], logits[expected].min())
                 near = np.abs(before[differ] - top_p) < 1e-4
                 assert (tied | near).all(), (temperature, top_k, top_p, differ[:5])
-                assert abs(int(keep.sum()) - int(expected.sum())) <= max(3, int(tied.sum())), (temperature, top_k, top_p)
+                assert abs(int(keep.sum()) - int(expected.sum())) <= max(3, int(tied.sum())), (
+                    temperature,
+                    top_k,
+                    top_p,
+                )
             if top_p == 1.0 or c == 3:  # no nucleus boundary, or a peaked one: nothing may differ
                 assert differ.size == 0, (c, temperature, top_k, top_p)
 
@@ -150,7 +171,9 @@ def test_top_k_edge_cases():
     assert top_k_keep(logits, 99).all()
 
 
-@pytest.mark.parametrize("temperature,top_k,top_p", [(1.0, None, 1.0), (0.5, None, 1.0), (1.0, 3, 1.0), (1.0, None, 0.7), (2.0, 4, 0.9)])
+@pytest.mark.parametrize(
+    "temperature,top_k,top_p", [(1.0, None, 1.0), (0.5, None, 1.0), (1.0, 3, 1.0), (1.0, None, 0.7), (2.0, 4, 0.9)]
+)
 def test_draw_frequencies_match_the_warped_distribution(temperature, top_k, top_p):
     logits = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0], np.float32)
     options = GenerationOptions(temperature=temperature, top_k=top_k, top_p=top_p)
@@ -313,10 +336,26 @@ def test_seed_reproducible_and_independent_of_batch(small):
 
 
 def test_sampled_sampling_matches_single_row_in_ragged_batch(small):
-    batch = small.generate_ids([[1, 2, 3, 4, 5], [6]], max_new_tokens=10, seed=3, top_p=0.9, top_k=40, temperature=1.2,
-                               repetition_penalty=1.2, ignore_eos=True)  # fmt: skip
-    alone = small.generate_ids([[1, 2, 3, 4, 5]], max_new_tokens=10, seed=3, top_p=0.9, top_k=40, temperature=1.2,
-                               repetition_penalty=1.2, ignore_eos=True)  # fmt: skip
+    batch = small.generate_ids(
+        [[1, 2, 3, 4, 5], [6]],
+        max_new_tokens=10,
+        seed=3,
+        top_p=0.9,
+        top_k=40,
+        temperature=1.2,
+        repetition_penalty=1.2,
+        ignore_eos=True,
+    )
+    alone = small.generate_ids(
+        [[1, 2, 3, 4, 5]],
+        max_new_tokens=10,
+        seed=3,
+        top_p=0.9,
+        top_k=40,
+        temperature=1.2,
+        repetition_penalty=1.2,
+        ignore_eos=True,
+    )
     assert batch[0] == alone[0]
 
 
@@ -350,9 +389,13 @@ def test_stop_strings_cut_the_text(small):
     text = small.generate("The", max_new_tokens=30, do_sample=False, return_full_text=False, ignore_eos=True)
     stop = text[10:13]
     first = text.find(stop)
-    cut = small.generate("The", max_new_tokens=30, do_sample=False, return_full_text=False, ignore_eos=True, stop=[stop, "\u2603never"])
+    cut = small.generate(
+        "The", max_new_tokens=30, do_sample=False, return_full_text=False, ignore_eos=True, stop=[stop, "\u2603never"]
+    )
     assert cut == text[:first]
-    ids = small.generate_ids([small.tokenizer.encode("The")], max_new_tokens=30, do_sample=False, ignore_eos=True, stop=stop)
+    ids = small.generate_ids(
+        [small.tokenizer.encode("The")], max_new_tokens=30, do_sample=False, ignore_eos=True, stop=stop
+    )
     assert stop in small.tokenizer.decode(ids[0]) and stop not in small.tokenizer.decode(ids[0][:-1])
 
 
@@ -378,7 +421,10 @@ _SPLIT = _TOKENIZER.encode("日本語 👨‍👩‍👧 🇺🇸 é ok")  # man
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from(_SPLIT + [0, 220, 31373, 447, 246, 171]), max_size=30), st.lists(st.sampled_from(["ok", "日", " ", "👧"]), max_size=2))
+@given(
+    st.lists(st.sampled_from(_SPLIT + [0, 220, 31373, 447, 246, 171]), max_size=30),
+    st.lists(st.sampled_from(["ok", "日", " ", "👧"]), max_size=2),
+)
 def test_row_text_pieces_never_split_a_character(ids, stop):
     """Pieces join to the decoded text cut at the first stop string; no piece ends mid-character."""
     text = RowText(_TOKENIZER, tuple(stop))
@@ -426,7 +472,11 @@ def test_stream_holds_back_split_characters(small):
         (dict(stop=5), TypeError, "stop"),
         (dict(seed=-1), ValueError, "seed"),
         (dict(return_full_text=None), TypeError, "return_full_text"),
-        (dict(max_new_tokens=200), ValueError, r"prompt is 1 token and max_new_tokens is 200, more than the model's 128-token"),
+        (
+            dict(max_new_tokens=200),
+            ValueError,
+            r"prompt is 1 token and max_new_tokens is 200, more than the model's 128-token",
+        ),
     ],
 )
 def test_bad_arguments(small, kwargs, error, message):
@@ -542,10 +592,12 @@ def test_ragged_sampled_batch_with_penalty_rows_equal_rows_alone(small):
     """Rows with their own repetition penalty and sampler, leaving the batch at different steps
     (EOS allowed), produce what they produce alone from the same generator."""
     prompts = [[5] * 9, [17, 18], [400, 500, 600, 700], [9999]]
-    options = [GenerationOptions(max_new_tokens=4, repetition_penalty=1.5, top_k=20),
-               GenerationOptions(max_new_tokens=13, temperature=1.2),
-               GenerationOptions(max_new_tokens=8, do_sample=False, repetition_penalty=2.0, ignore_eos=True),
-               GenerationOptions(max_new_tokens=11, repetition_penalty=0.7, top_p=0.9)]  # fmt: skip
+    options = [
+        GenerationOptions(max_new_tokens=4, repetition_penalty=1.5, top_k=20),
+        GenerationOptions(max_new_tokens=13, temperature=1.2),
+        GenerationOptions(max_new_tokens=8, do_sample=False, repetition_penalty=2.0, ignore_eos=True),
+        GenerationOptions(max_new_tokens=11, repetition_penalty=0.7, top_p=0.9),
+    ]
     outs = [[] for _ in prompts]
     for _, step in decode(small, prompts, options, row_generators(3, 4)):
         for row, token in step.items():

@@ -14,6 +14,7 @@ import sys
 import threading
 
 import pytest
+from fakehub import FakeHub, git_blob_sha1, sha256
 
 from gpt2np import download as downloads
 from gpt2np import hub
@@ -27,8 +28,6 @@ from gpt2np.hub import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-
-from fakehub import FakeHub, git_blob_sha1, sha256
 
 REPO = "openai-community/gpt2"
 FOLDER = "models--openai-community--gpt2"

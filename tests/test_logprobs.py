@@ -22,7 +22,7 @@ def test_score_equals_evaluate_scoring(model):
     text = "The quick brown fox jumps over the lazy dog, again and again."
     scored = model.score(text, top=3)
     ids = model.tokenizer.encode(text)
-    (reference, _), = score_tokens(model, [(ids, 1)], progress=False)
+    ((reference, _),) = score_tokens(model, [(ids, 1)], progress=False)
     assert scored.ids == ids and scored.log_probs.dtype == np.float64
     np.testing.assert_allclose(scored.log_probs, reference, rtol=0, atol=1e-5)
     assert scored.top_ids.shape == scored.top_log_probs.shape == (len(ids) - 1, 3)
@@ -30,8 +30,9 @@ def test_score_equals_evaluate_scoring(model):
     logits = model(np.array(ids)).astype(np.float64)
     expected_top = np.argsort(-logits, axis=-1, kind="stable")[:-1, :3]
     assert (scored.top_ids == expected_top).all()
-    np.testing.assert_allclose(scored.top_log_probs, np.take_along_axis(logits[:-1], expected_top, -1)
-                               - full[:-1, None], atol=1e-5)
+    np.testing.assert_allclose(
+        scored.top_log_probs, np.take_along_axis(logits[:-1], expected_top, -1) - full[:-1, None], atol=1e-5
+    )
     assert (np.diff(scored.top_log_probs, axis=-1) <= 0).all()
 
 
@@ -46,8 +47,14 @@ def test_score_of_ids_and_of_one_token(model):
         model.score("Hello world", top=6)
 
 
-@pytest.mark.parametrize("options", [dict(do_sample=False), dict(temperature=0.5, top_p=0.9, seed=2),
-                                     dict(temperature=1.3, top_k=5, repetition_penalty=1.3, seed=4)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(do_sample=False),
+        dict(temperature=0.5, top_p=0.9, seed=2),
+        dict(temperature=1.3, top_k=5, repetition_penalty=1.3, seed=4),
+    ],
+)
 def test_generated_log_probs_are_the_model_s_own(model, options):
     """Whatever the sampler did (temperature, top-k, top-p, penalty), the log-probs reported are
     those of the raw model: what scoring the prompt and continuation gives."""
@@ -75,8 +82,10 @@ def test_complete_is_generate_with_more(model):
 
 def test_rows_that_ask_nothing_compute_nothing(model):
     options = GenerationOptions(do_sample=False, max_new_tokens=3)
-    rows = [Row([1, 2], options, np.random.default_rng(0), TINY.vocab_size),
-            Row([1, 2], options, np.random.default_rng(0), TINY.vocab_size, logprobs=0)]
+    rows = [
+        Row([1, 2], options, np.random.default_rng(0), TINY.vocab_size),
+        Row([1, 2], options, np.random.default_rng(0), TINY.vocab_size, logprobs=0),
+    ]
     engine = Engine(model)
     engine.add(rows)
     while engine.rows:
@@ -101,26 +110,44 @@ def test_logit_bias_and_penalties_steer_the_choice(model):
     avoided = model.complete("Hello", do_sample=False, max_new_tokens=1, logit_bias={banned.ids[0]: -100})
     assert avoided.ids != banned.ids
     repeated = model.complete("Hello", do_sample=False, max_new_tokens=6, logit_bias={42: 5}, ignore_eos=True)
-    penalized = model.complete("Hello", do_sample=False, max_new_tokens=6, logit_bias={42: 5}, frequency_penalty=2,
-                               presence_penalty=2, ignore_eos=True)
+    penalized = model.complete(
+        "Hello",
+        do_sample=False,
+        max_new_tokens=6,
+        logit_bias={42: 5},
+        frequency_penalty=2,
+        presence_penalty=2,
+        ignore_eos=True,
+    )
     assert repeated.ids.count(42) == 6 and penalized.ids.count(42) < 6
     # the sampler alone: the penalty applies to generated tokens, not to the prompt
     logits = np.zeros(5, dtype=np.float32)
     logits[3] = 1.0
     adjust = LogitAdjustments(presence_penalty=2.0)
-    assert next_token(logits.copy(), GenerationOptions(do_sample=False), None, adjust=adjust,
-                      counts=np.array([0, 0, 0, 1, 0])) == 0
-    assert next_token(logits.copy(), GenerationOptions(do_sample=False), None, adjust=adjust,
-                      counts=np.zeros(5, dtype=int)) == 3
+    assert (
+        next_token(
+            logits.copy(), GenerationOptions(do_sample=False), None, adjust=adjust, counts=np.array([0, 0, 0, 1, 0])
+        )
+        == 0
+    )
+    assert (
+        next_token(
+            logits.copy(), GenerationOptions(do_sample=False), None, adjust=adjust, counts=np.zeros(5, dtype=int)
+        )
+        == 3
+    )
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(presence_penalty=2.5), r"presence_penalty must be in \[-2, 2\]"),
-    (dict(frequency_penalty=-3), r"frequency_penalty must be in \[-2, 2\]"),
-    (dict(logit_bias={5: 101}), r"logit_bias\[5\] must be in \[-100, 100\]"),
-    (dict(logit_bias={-1: 1}), "logit_bias token ids must be >= 0"),
-    (dict(logprobs=6), r"logprobs must be in \[0, 5\]"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(presence_penalty=2.5), r"presence_penalty must be in \[-2, 2\]"),
+        (dict(frequency_penalty=-3), r"frequency_penalty must be in \[-2, 2\]"),
+        (dict(logit_bias={5: 101}), r"logit_bias\[5\] must be in \[-100, 100\]"),
+        (dict(logit_bias={-1: 1}), "logit_bias token ids must be >= 0"),
+        (dict(logprobs=6), r"logprobs must be in \[0, 5\]"),
+    ],
+)
 def test_bad_log_probs_and_adjustments_name_the_option(model, kwargs, message):
     with pytest.raises(OptionError, match=message):
         model.complete("Hi", max_new_tokens=2, **kwargs)

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from checkpoints import hf_logits, hf_reference, worst_relative_error, write_checkpoint, write_tokenizer
-from gpt2np import GPT2, GPT2Config
-from gpt2np import Tokenizer
+
+from gpt2np import GPT2, GPT2Config, Tokenizer
 from gpt2np.checkpoint import check_tokenizer, random_state_dict, save_checkpoint
 from gpt2np.model import attention, block, causal_mask, ffn, gelu, gpt2, layer_norm, linear, lm_head, mha, softmax
 
@@ -22,11 +21,23 @@ PARITY_CASES = {
     # name: (config, layout, dtype, shards, sequence length)
     "gpt2-full-context": (GPT2Config.preset("gpt2"), "transformers", "F32", 1, 1024),
     "gpt2-openai-layout": (GPT2Config.preset("gpt2"), "openai", "F32", 1, 64),
-    "wide-8-heads-sharded": (GPT2Config(n_layer=3, n_head=8, n_embd=256, n_ctx=300, vocab_size=5000), "openai", "F32", 3, 300),
-    "odd-tiny": (GPT2Config(n_layer=1, n_head=3, n_embd=12, n_ctx=7, vocab_size=17, n_inner=20), "transformers", "F32", 1, 7),
+    "wide-8-heads-sharded": (
+        GPT2Config(n_layer=3, n_head=8, n_embd=256, n_ctx=300, vocab_size=5000),
+        "openai",
+        "F32",
+        3,
+        300,
+    ),
+    "odd-tiny": (
+        GPT2Config(n_layer=1, n_head=3, n_embd=12, n_ctx=7, vocab_size=17, n_inner=20),
+        "transformers",
+        "F32",
+        1,
+        7,
+    ),
     "f16": (GPT2Config(n_layer=2, n_head=4, n_embd=64, n_ctx=64, vocab_size=1000), "openai", "F16", 1, 64),
     "bf16": (GPT2Config(n_layer=2, n_head=4, n_embd=64, n_ctx=64, vocab_size=1000), "transformers", "BF16", 2, 64),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", PARITY_CASES)
@@ -89,7 +100,9 @@ def test_kv_cache_equals_full_forward(small):
         positions = np.broadcast_to(np.arange(start, start + T), (2, T))
         mask = causal_mask(valid[:, : start + T], start, T)
         x = gpt2(ids[:, start : start + T], positions, params, config, mask=mask, kv_cache=cache, start=start)
-        np.testing.assert_allclose(lm_head(x, small.lm_head_weight), full[:, start : start + T], rtol=0, atol=1e-5 * np.abs(full).max())
+        np.testing.assert_allclose(
+            lm_head(x, small.lm_head_weight), full[:, start : start + T], rtol=0, atol=1e-5 * np.abs(full).max()
+        )
         start += T
 
 
@@ -114,11 +127,19 @@ def test_shapes_the_comments_claim(small):
     mask = causal_mask(np.ones((B, S), bool), S - T, T)
     assert mask.shape == (B, 1, T, S)
     assert attention(q, k, v, mask).shape == (B, H, T, D)
-    assert mha(x, **p["attn"], n_head=H, scale=1 / math.sqrt(D), mask=causal_mask(np.ones((B, T), bool), 0, T)).shape == (B, T, C)
+    assert mha(
+        x, **p["attn"], n_head=H, scale=1 / math.sqrt(D), mask=causal_mask(np.ones((B, T), bool), 0, T)
+    ).shape == (B, T, C)
     assert ffn(x, **p["mlp"]).shape == (B, T, C)
     assert block(x.copy(), p, n_head=H, eps=1e-5, scale=0.25, mask=None).shape == (B, T, C)
     ids = rng.integers(0, V, size=(B, T))
-    h = gpt2(ids, np.broadcast_to(np.arange(T), (B, T)), small.params, small.config, mask=causal_mask(np.ones((B, T), bool), 0, T))
+    h = gpt2(
+        ids,
+        np.broadcast_to(np.arange(T), (B, T)),
+        small.params,
+        small.config,
+        mask=causal_mask(np.ones((B, T), bool), 0, T),
+    )
     assert h.shape == (B, T, C)
     assert lm_head(h, small.lm_head_weight).shape == (B, T, V)
     assert small(ids[0]).shape == (T, V)
@@ -172,8 +193,18 @@ def test_config_validation_and_presets():
         GPT2Config(activation_function="relu")
     with pytest.raises(ValueError, match="unknown preset"):
         GPT2Config.preset("gpt3")
-    c = GPT2Config.from_dict({"n_positions": 512, "n_ctx": 512, "n_embd": 64, "n_head": 4, "n_layer": 2, "n_inner": None,
-                              "eos_token_id": 50256, "unknown_key": 1})  # fmt: skip
+    c = GPT2Config.from_dict(
+        {
+            "n_positions": 512,
+            "n_ctx": 512,
+            "n_embd": 64,
+            "n_head": 4,
+            "n_layer": 2,
+            "n_inner": None,
+            "eos_token_id": 50256,
+            "unknown_key": 1,
+        }
+    )
     assert (c.n_ctx, c.mlp_width, c.head_size) == (512, 256, 16)
     with pytest.raises(ValueError, match="model_type"):
         GPT2Config.from_dict({"model_type": "llama"})
@@ -255,7 +286,9 @@ def test_check_tokenizer_rejects_eos_and_bos_the_tokenizer_cannot_decode(gpt2_to
 # ------------------------------------------------------------------------------- bad files
 @pytest.fixture()
 def folder(tmp_path):
-    return write_checkpoint(tmp_path / "ckpt", GPT2Config(n_layer=2, n_head=2, n_embd=8, n_ctx=16, vocab_size=50), layout="openai")
+    return write_checkpoint(
+        tmp_path / "ckpt", GPT2Config(n_layer=2, n_head=2, n_embd=8, n_ctx=16, vocab_size=50), layout="openai"
+    )
 
 
 def _rewrite(folder, change):
@@ -345,7 +378,9 @@ def test_bad_config_json(folder):
 
 
 def test_sharded_index_naming_a_missing_shard(tmp_path):
-    folder = write_checkpoint(tmp_path, GPT2Config(n_layer=2, n_head=2, n_embd=8, n_ctx=16, vocab_size=50), shard_count=2)
+    folder = write_checkpoint(
+        tmp_path, GPT2Config(n_layer=2, n_head=2, n_embd=8, n_ctx=16, vocab_size=50), shard_count=2
+    )
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(ValueError, match="model-00002-of-00002.safetensors"):
         GPT2.from_pretrained(folder)

@@ -92,8 +92,9 @@ def test_n_choices_and_seeded_reproducibility(client, model, name):
     texts = [c.text for c in answer.choices]
     assert [c.index for c in answer.choices] == list(range(6))
     # Choice i * n + j draws from the seed's child i * n + j: GPT2.complete on each prompt repeated n times.
-    library = complete(model, ["The capital of"] * 3 + ["Say"] * 3, max_new_tokens=7, temperature=0.9, top_p=0.95,
-                       seed=11)
+    library = complete(
+        model, ["The capital of"] * 3 + ["Say"] * 3, max_new_tokens=7, temperature=0.9, top_p=0.95, seed=11
+    )
     assert texts == [c.text for c in library]
     assert [c.text for c in client.completions.create(**ask).choices] == texts
     assert len(set(texts[:3])) > 1  # three samples, not one repeated
@@ -103,8 +104,9 @@ def test_n_choices_and_seeded_reproducibility(client, model, name):
 def test_stop_strings(client, model, name):
     full = complete(model, "Hello world", do_sample=False, max_new_tokens=12).text
     stop = full[4:7]
-    answer = client.completions.create(model=name, prompt="Hello world", max_tokens=12, temperature=0,
-                                       stop=[stop, "never here"])
+    answer = client.completions.create(
+        model=name, prompt="Hello world", max_tokens=12, temperature=0, stop=[stop, "never here"]
+    )
     (choice,) = answer.choices
     assert (choice.text, choice.finish_reason) == (full[: full.find(stop)], "stop")
 
@@ -112,8 +114,9 @@ def test_stop_strings(client, model, name):
 def test_penalties_and_logit_bias(client, model, name):
     options = dict(max_tokens=8, temperature=0, presence_penalty=1.5, frequency_penalty=0.5, logit_bias={"42": 4})
     answer = client.completions.create(model=name, prompt="Hi", **options)
-    expected = complete(model, "Hi", do_sample=False, max_new_tokens=8, presence_penalty=1.5, frequency_penalty=0.5,
-                        logit_bias={42: 4})
+    expected = complete(
+        model, "Hi", do_sample=False, max_new_tokens=8, presence_penalty=1.5, frequency_penalty=0.5, logit_bias={42: 4}
+    )
     assert answer.choices[0].text == expected.text
     forced = client.completions.create(model=name, prompt="Hi", max_tokens=3, temperature=0, logit_bias={"42": 100})
     assert forced.choices[0].text == model.tokenizer.decode([42] * 3)
@@ -135,8 +138,9 @@ def test_logprobs_of_generated_tokens(client, model, name):
     scored = model.score(done.prompt_ids + done.ids, top=3)
     tail = slice(len(done.prompt_ids) - 1, None)
     np.testing.assert_allclose(lp.token_logprobs, scored.log_probs[tail], atol=1e-5)
-    for top, token, token_lp, ids, lps in zip(lp.top_logprobs, lp.tokens, lp.token_logprobs, scored.top_ids[tail],
-                                              scored.top_log_probs[tail]):
+    for top, token, token_lp, ids, lps in zip(
+        lp.top_logprobs, lp.tokens, lp.token_logprobs, scored.top_ids[tail], scored.top_log_probs[tail]
+    ):
         expected = {model.tokenizer.decode([int(i)]): float(v) for i, v in zip(ids, lps)}
         expected.setdefault(token, token_lp)  # the chosen token is always there: up to k + 1 entries
         assert top.keys() == expected.keys() and np.allclose(list(top.values()), list(expected.values()), atol=1e-5)
@@ -152,7 +156,7 @@ def test_echo_scores_the_prompt_as_evaluate_does(client, model, name):
     assert answer.usage.completion_tokens == 0
     for text, choice in zip(texts, answer.choices):
         ids = model.tokenizer.encode(text)
-        (reference, _), = score_tokens(model, [(ids, 1)], progress=False)
+        ((reference, _),) = score_tokens(model, [(ids, 1)], progress=False)
         lp = choice.logprobs
         assert choice.text == text and choice.finish_reason == "length"
         assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None and lp.text_offset[0] == 0
@@ -161,15 +165,17 @@ def test_echo_scores_the_prompt_as_evaluate_does(client, model, name):
 
 
 def test_echo_with_generation(client, model, name):
-    answer = client.completions.create(model=name, prompt="Hello there", max_tokens=4, temperature=0, echo=True,
-                                       logprobs=0)
+    answer = client.completions.create(
+        model=name, prompt="Hello there", max_tokens=4, temperature=0, echo=True, logprobs=0
+    )
     (choice,) = answer.choices
     done = complete(model, "Hello there", do_sample=False, max_new_tokens=4, logprobs=0)
     assert choice.text == "Hello there" + done.text
     lp = choice.logprobs
     assert len(lp.tokens) == len(done.prompt_ids) + len(done.ids)
-    np.testing.assert_allclose(lp.token_logprobs[len(done.prompt_ids) :], [t.log_prob for t in done.log_probs],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        lp.token_logprobs[len(done.prompt_ids) :], [t.log_prob for t in done.log_probs], atol=1e-5
+    )
     assert all(choice.text[o:].startswith(t) for o, t in zip(lp.text_offset, lp.tokens))
 
 
@@ -206,8 +212,9 @@ def test_a_streamed_stop_string_is_never_sent(client, model, name):
 
 
 def test_streamed_echo_scoring(client, name):
-    chunks = list(client.completions.create(model=name, prompt="Score me", max_tokens=0, echo=True, logprobs=2,
-                                            stream=True))
+    chunks = list(
+        client.completions.create(model=name, prompt="Score me", max_tokens=0, echo=True, logprobs=2, stream=True)
+    )
     (chunk,) = chunks
     (choice,) = chunk.choices
     assert (choice.text, choice.finish_reason, choice.logprobs.token_logprobs[0]) == ("Score me", "length", None)
@@ -216,8 +223,10 @@ def test_streamed_echo_scoring(client, name):
 def sse_request(port: int, body: dict) -> bytes:
     """A raw POST /v1/completions; everything the server sends until it closes the connection."""
     data = json.dumps(body).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode()
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         sock.sendall(head + data)
         received = b""
@@ -227,14 +236,18 @@ def sse_request(port: int, body: dict) -> bytes:
 
 
 def test_server_sent_events_byte_for_byte(server, model, name):
-    raw = sse_request(server.port, {"model": name, "prompt": "Hello", "max_tokens": 9, "temperature": 0,
-                                    "stream": True})
+    raw = sse_request(
+        server.port, {"model": name, "prompt": "Hello", "max_tokens": 9, "temperature": 0, "stream": True}
+    )
     head, _, body = raw.partition(b"\r\n\r\n")
     lines = head.decode().split("\r\n")
     assert lines[0] == "HTTP/1.1 200 OK"
     headers = dict(line.split(": ", 1) for line in lines[1:])
-    assert (headers["Content-Type"], headers["Cache-Control"], headers["Connection"]) == \
-        ("text/event-stream", "no-cache", "close")
+    assert (headers["Content-Type"], headers["Cache-Control"], headers["Connection"]) == (
+        "text/event-stream",
+        "no-cache",
+        "close",
+    )
     assert "Content-Length" not in headers and "Transfer-Encoding" not in headers  # the body ends at the close
     events = body.split(b"\n\n")
     assert events[-2:] == [b"data: [DONE]", b""]  # the last event, then nothing
@@ -245,8 +258,9 @@ def test_server_sent_events_byte_for_byte(server, model, name):
     first = chunks[0]
     assert re.fullmatch(r"cmpl-[0-9a-f]{32}", first["id"]) and isinstance(first["created"], int)
     for chunk in chunks:
-        assert {k: chunk[k] for k in ("id", "object", "created", "model")} == \
-            {k: first[k] for k in ("id", "object", "created", "model")} | {"object": "text_completion", "model": name}
+        assert {k: chunk[k] for k in ("id", "object", "created", "model")} == {
+            k: first[k] for k in ("id", "object", "created", "model")
+        } | {"object": "text_completion", "model": name}
         (choice,) = chunk["choices"]
         assert set(choice) == {"text", "index", "logprobs", "finish_reason"} and choice["logprobs"] is None
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["length"]
@@ -339,15 +353,22 @@ def long_server(tmp_path_factory):
 
 def long_request(server) -> dict:
     """64 choices of 1000 tokens two at a time: 32,000 steps, far more than any test waits."""
-    return {"model": Path(server.proc.args[server.proc.args.index("--model") + 1]).name, "prompt": "Once", "n": 64,
-            "max_tokens": 1000, "temperature": 0}
+    return {
+        "model": Path(server.proc.args[server.proc.args.index("--model") + 1]).name,
+        "prompt": "Once",
+        "n": 64,
+        "max_tokens": 1000,
+        "temperature": 0,
+    }
 
 
 @pytest.mark.parametrize("how", ["close", "reset"])
 def test_a_streaming_client_that_leaves_stops_its_rows(long_server, how):
     data = json.dumps({**long_request(long_server), "stream": True}).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n\r\n").encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n"
+    ).encode()
     pattern = re.compile(r" POST /v1/completions 499 prompts=64 new_tokens=(\d+) ")
     before = len(pattern.findall(long_server.log()))
     sock = socket.create_connection(("127.0.0.1", long_server.port), timeout=30)

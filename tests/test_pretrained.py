@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from fakehub import FakeHub
+
 from gpt2np import GPT2, download, hub
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-gpt2"
@@ -57,7 +57,12 @@ def test_transformers_loads_what_gpt2np_downloaded(fake_hub, tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     GPT2.from_pretrained("gpt2", progress=False)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": os.environ["HF_HUB_CACHE"], "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HUB_CACHE": os.environ["HF_HUB_CACHE"],
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+    }
     code = (
         "import json, sys, numpy as np, torch\n"
         "from transformers import GPT2LMHeadModel\n"
@@ -66,8 +71,13 @@ def test_transformers_loads_what_gpt2np_downloaded(fake_hub, tmp_path):
         "with torch.no_grad(): np.save(sys.argv[2], m(ids).logits.numpy())\n"
     )
     out = tmp_path / "logits.npy"
-    run = subprocess.run([sys.executable, "-c", code, str(FIXTURE / "reference.npz"), str(out)], env=env,
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(FIXTURE / "reference.npz"), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     reference = np.load(FIXTURE / "reference.npz")
     np.testing.assert_allclose(np.load(out), reference["logits"], rtol=0, atol=1e-5 * np.abs(reference["logits"]).max())

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from checkpoints import worst_relative_error
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_tokenizer import EDGE_CASES, stdlib_prose, stdlib_source
 
-from checkpoints import worst_relative_error
 from gpt2np import GPT2, GPT2Config, Tokenizer, model, reference
 from gpt2np.checkpoint import random_state_dict, unflatten
-from test_tokenizer import EDGE_CASES, stdlib_prose, stdlib_source
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny-gpt2"
 LOGITS_TOLERANCE = 1e-5  # max |fast - reference| / max |reference|, as for the parity with transformers
@@ -112,8 +112,11 @@ def test_forward_pass_equals_reference(case):
     fast = fast_model(ids)
     textbook = reference.gpt2(ids, params, config)
     assert textbook.dtype == np.float32 and textbook.shape == (T, config.vocab_size)
-    report(f"{case}: logits max |fast - reference| / max |reference|", worst_relative_error(fast, textbook),
-           LOGITS_TOLERANCE)
+    report(
+        f"{case}: logits max |fast - reference| / max |reference|",
+        worst_relative_error(fast, textbook),
+        LOGITS_TOLERANCE,
+    )
 
 
 def test_forward_pass_on_committed_fixture():
@@ -124,8 +127,11 @@ def test_forward_pass_on_committed_fixture():
     for row, ids in enumerate(fixture["ids"]):
         textbook = reference.gpt2(ids, fast_model.params, fast_model.config)
         report(f"fixture row {row}: logits vs fast", worst_relative_error(fast_model(ids), textbook), LOGITS_TOLERANCE)
-        report(f"fixture row {row}: logits vs transformers", worst_relative_error(textbook, fixture["logits"][row]),
-               LOGITS_TOLERANCE)
+        report(
+            f"fixture row {row}: logits vs transformers",
+            worst_relative_error(textbook, fixture["logits"][row]),
+            LOGITS_TOLERANCE,
+        )
 
 
 # ------------------------------------------------------------------------------- the tokenizer
@@ -147,7 +153,9 @@ def test_encode_equals_reference_on_varied_text(tok):
     fast = tok.encode(text, disallowed_special=())  # the reference reads <|endoftext|> as ordinary text
     textbook = reference.encode(text, tok.encoder, tok.bpe_ranks)
     first = next((i for i, (a, b) in enumerate(zip(fast, textbook)) if a != b), None)
-    assert first is None, f"first difference at token {first}: {fast[first:first + 5]} vs {textbook[first:first + 5]}"
+    assert first is None, (
+        f"first difference at token {first}: {fast[first : first + 5]} vs {textbook[first : first + 5]}"
+    )
     assert len(fast) == len(textbook)
     assert tok.encode("hello world") == reference.encode("hello world", tok.encoder, tok.bpe_ranks) == [31373, 995]
 

@@ -19,8 +19,9 @@ from gpt2np.request import EXAMPLE, MODEL_CARD_REQUEST, PARAMS, RequestError, pa
 from gpt2np.sampling import GenerationOptions
 
 TINY = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=64)
-KNOWN = ("top_p, temperature, max_new_tokens, do_sample, return_full_text, top_k, repetition_penalty, stop, seed, "
-         "ignore_eos")
+KNOWN = (
+    "top_p, temperature, max_new_tokens, do_sample, return_full_text, top_k, repetition_penalty, stop, seed, ignore_eos"
+)
 CARD_PARAMS = json.dumps(MODEL_CARD_REQUEST["params"])
 
 
@@ -64,20 +65,30 @@ P = '{"input_data": ["a"], "params": '  # the start of a flat request, to be fol
 N = '{"input_data": {"input_string": ["a"]'  # the start of a request in Azure ML's shape
 BAD = [  # (body, the whole message)
     ("", f"the request is empty; send a JSON object such as {EXAMPLE}"),
-    (b'{"input_data": ["\xff"]}',
-     "the request is not UTF-8 (invalid start byte at byte 17); JSON must be encoded in UTF-8"),
-    ('{"input_data": ["a"]',
-     "the request is not valid JSON (Expecting ',' delimiter: line 1 column 21 (char 20)); "
-     f"a request looks like {EXAMPLE}"),
-    (P + '{"temperature": NaN}}',
-     f"the request is not valid JSON (NaN is not a JSON number); a request looks like {EXAMPLE}"),
+    (
+        b'{"input_data": ["\xff"]}',
+        "the request is not UTF-8 (invalid start byte at byte 17); JSON must be encoded in UTF-8",
+    ),
+    (
+        '{"input_data": ["a"]',
+        "the request is not valid JSON (Expecting ',' delimiter: line 1 column 21 (char 20)); "
+        f"a request looks like {EXAMPLE}",
+    ),
+    (
+        P + '{"temperature": NaN}}',
+        f"the request is not valid JSON (NaN is not a JSON number); a request looks like {EXAMPLE}",
+    ),
     ("[" * 100_000, f"the request is nested too deeply to read; a request looks like {EXAMPLE}"),
     ('["a prompt"]', f'the request must be a JSON object like {EXAMPLE}, got ["a prompt"]'),
     ('{"params": {}}', 'the request has no "input_data": give the prompts as "input_data": ["a prompt", ...]'),
-    ('{"input_data": ["a"], "parameters": {}}',
-     'unknown key "parameters" in the request; it holds "input_data" and "params"'),
-    ('{"input_data": "a prompt"}',
-     'input_data must be a non-empty list of prompt strings, got a string: wrap a single prompt as ["..."]'),
+    (
+        '{"input_data": ["a"], "parameters": {}}',
+        'unknown key "parameters" in the request; it holds "input_data" and "params"',
+    ),
+    (
+        '{"input_data": "a prompt"}',
+        'input_data must be a non-empty list of prompt strings, got a string: wrap a single prompt as ["..."]',
+    ),
     ('{"input_data": []}', 'input_data must be a non-empty list of prompt strings, like ["a prompt"], got []'),
     ('{"input_data": ["a", 3]}', "input_data[1] must be a string, got 3"),
     (P + "[1]}", f"params must be a JSON object like {CARD_PARAMS}, got [1]"),
@@ -92,22 +103,28 @@ BAD = [  # (body, the whole message)
     (P + '{"seed": true}}', "params.seed must be an integer or null, got true"),
     (P + '{"ignore_eos": 0}}', "params.ignore_eos must be true or false, got 0"),
     (P + '{"top_p": 0}}', "params.top_p must be in (0, 1] (1.0 turns it off), got 0"),
-    (P + '{"temperature": 0}}',
-     "params.temperature must be > 0 when sampling, got 0; for deterministic output turn do_sample off (greedy)"),
+    (
+        P + '{"temperature": 0}}',
+        "params.temperature must be > 0 when sampling, got 0; for deterministic output turn do_sample off (greedy)",
+    ),
     (P + '{"temperature": 1e400}}', "params.temperature must be finite, got inf"),
     (P + '{"temperature": 1' + "0" * 400 + "}}", "params.temperature must be finite, got an integer of 401 digits"),
     (P + '{"max_new_tokens": 0}}', "params.max_new_tokens must be >= 1, got 0"),
     (P + '{"top_k": 0}}', "params.top_k must be >= 1 (or unset, to turn it off), got 0"),
     (P + '{"repetition_penalty": -1}}', "params.repetition_penalty must be > 0 (1.0 turns it off), got -1"),
     (P + '{"seed": -1}}', "params.seed must be a non-negative integer, got -1"),
-    ('{"input_data": {"parameters": {}}}',
-     'input_data has no "input_string": give the prompts as "input_string": ["a prompt", ...]'),
+    (
+        '{"input_data": {"parameters": {}}}',
+        'input_data has no "input_string": give the prompts as "input_string": ["a prompt", ...]',
+    ),
     (N + ', "params": {}}}', 'unknown key "params" in input_data; it holds "input_string" and "parameters"'),
     (N + '}, "params": {}}', 'put the params in "params" or in "input_data"."parameters", not both'),
     ('{"input_data": {"input_string": ["a", null]}}', "input_data.input_string[1] must be a string, got null"),
     (N + ', "parameters": 3}}', f"input_data.parameters must be a JSON object like {CARD_PARAMS}, got 3"),
-    (N + ', "parameters": {"top_p": 1.5}}}',
-     "input_data.parameters.top_p must be in (0, 1] (1.0 turns it off), got 1.5"),
+    (
+        N + ', "parameters": {"top_p": 1.5}}}',
+        "input_data.parameters.top_p must be in (0, 1] (1.0 turns it off), got 1.5",
+    ),
 ]
 
 
@@ -183,8 +200,11 @@ def test_the_cli_and_the_server_say_the_same_of_a_prompt_too_long(body, server, 
     status, answer = post(server, body)
     assert status == 400
     err = cli_error(["--model", str(folder)], body, monkeypatch, capsys)
-    assert re.fullmatch(rf"gpt2np: error: {re.escape(answer['error'])}(; or pass --truncate-prompt to keep its last "
-                        r"\d+ tokens)?\n", err), (err, answer)
+    assert re.fullmatch(
+        rf"gpt2np: error: {re.escape(answer['error'])}(; or pass --truncate-prompt to keep its last "
+        r"\d+ tokens)?\n",
+        err,
+    ), (err, answer)
 
 
 def test_a_prompt_too_long_names_both_numbers_and_a_fix_that_works(server):
@@ -196,4 +216,6 @@ def test_a_prompt_too_long_names_both_numbers_and_a_fix_that_works(server):
         assert answer["error"] == no_room + "; shorten it to at most 59 tokens (with params.max_new_tokens 5)"
     _, answer = post(server, json.dumps({"input_data": [" a" * 60], "params": {"max_new_tokens": 10}}))
     too_many = "input_data[0] is 60 tokens and params.max_new_tokens is 10, more than the model's 64-token context"
-    assert answer["error"] == too_many + " together; lower params.max_new_tokens to 4 or shorten the prompt to 54 tokens"
+    assert (
+        answer["error"] == too_many + " together; lower params.max_new_tokens to 4 or shorten the prompt to 54 tokens"
+    )

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from checkpoints import TINY  # the shared tiny checkpoint's config (tests/conftest.py)
+
 from gpt2np import GPT2, GPT2Config
 from gpt2np.checkpoint import random_state_dict, save_checkpoint
 
@@ -36,8 +36,12 @@ class Server:
     """A `python -m gpt2np.server` subprocess; its stderr (the request log) goes to a file."""
 
     def __init__(self, folder: Path, log_path: Path, *flags: str, max_files: int | None = None):
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                   OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")  # fmt: skip  # 2 cores: no BLAS thread fights
+        env = dict(
+            os.environ,
+            PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+            OPENBLAS_NUM_THREADS="1",
+            OMP_NUM_THREADS="1",
+        )  # 2 cores: no BLAS thread fights
         self.log_path = log_path
         self._log = open(log_path, "w")
         command = [sys.executable, "-m", "gpt2np.server", "--model", str(folder), "--port", "0", *flags]
@@ -116,8 +120,10 @@ def score_request(body: dict, expect_100=False) -> tuple[bytes, bytes]:
     """(head, body) of a POST /score request with `body` as JSON, to send on a raw socket."""
     data = json.dumps(body).encode()
     expect = "Expect: 100-continue\r\n" if expect_100 else ""
-    head = (f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(data)}\r\n{expect}\r\n").encode()  # fmt: skip
+    head = (
+        f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n{expect}\r\n"
+    ).encode()
     return head, data
 
 
@@ -199,8 +205,14 @@ def test_model_card_request(server, model):
 
 def test_several_prompts_match_the_library(server, model):
     prompts = ["Hello, my dog is cute", "", "The capital of France is", "<|endoftext|>A"]
-    params = {"max_new_tokens": 12, "do_sample": True, "temperature": 0.7, "top_k": 40, "seed": 5,
-              "return_full_text": False}  # fmt: skip
+    params = {
+        "max_new_tokens": 12,
+        "do_sample": True,
+        "temperature": 0.7,
+        "top_k": 40,
+        "seed": 5,
+        "return_full_text": False,
+    }
     status, texts = server.score({"input_data": prompts, "params": params})
     assert status == 200
     with one_blas_thread():
@@ -210,8 +222,10 @@ def test_several_prompts_match_the_library(server, model):
 
 def test_values_at_the_edge_of_float32_are_answered(server, model):
     """A repetition penalty of 1e-300 once raised an IndexError in the sampler: a 500."""
-    body = {"input_data": ["Hello"], "params": {"repetition_penalty": 1e-300, "temperature": 1e-300, "seed": 1,
-                                                "max_new_tokens": 5}}
+    body = {
+        "input_data": ["Hello"],
+        "params": {"repetition_penalty": 1e-300, "temperature": 1e-300, "seed": 1, "max_new_tokens": 5},
+    }
     status, texts = server.score(body)
     with one_blas_thread():
         assert (status, texts) == (200, model.generate(body["input_data"], **body["params"]))
@@ -248,12 +262,15 @@ BAD_BODIES = {
     "true is not a number": (b'{"input_data": ["a"], "params": {"max_new_tokens": true}}', "max_new_tokens"),
     "string is not a number": (b'{"input_data": ["a"], "params": {"temperature": "0.8"}}', "temperature"),
     "do_sample not a boolean": (b'{"input_data": ["a"], "params": {"do_sample": 1}}', "do_sample"),
-    "return_full_text not a boolean": (b'{"input_data": ["a"], "params": {"return_full_text": "yes"}}', "return_full_text"),
+    "return_full_text not a boolean": (
+        b'{"input_data": ["a"], "params": {"return_full_text": "yes"}}',
+        "return_full_text",
+    ),
     "negative seed": (b'{"input_data": ["a"], "params": {"seed": -1}}', "seed"),
     "top_k zero": (b'{"input_data": ["a"], "params": {"top_k": 0}}', "top_k"),
     "stop not strings": (b'{"input_data": ["a"], "params": {"stop": [1]}}', "stop"),
     "prompt fills the context": (json.dumps({"input_data": [" a" * 200]}).encode(), "input_data[0]"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", BAD_BODIES)
@@ -312,8 +329,10 @@ def test_body_over_the_limit_is_413_before_it_is_sent(server, expect_100):
     """The client announces 2 MB and sends none of it: the answer must come anyway."""
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         expect = "Expect: 100-continue\r\n" if expect_100 else ""
-        sock.sendall(f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     f"Content-Length: 2000000\r\n{expect}\r\n".encode())  # fmt: skip
+        sock.sendall(
+            f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: 2000000\r\n{expect}\r\n".encode()
+        )
         answer = sock.makefile("rb").read()  # the server closes the connection after answering
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert b"--max-body-bytes" in answer
@@ -381,12 +400,23 @@ def test_rows_joining_and_leaving_mid_decoding_match_the_library(model):
 
     cases = [  # (step at which it joins, prompt, options, seed)
         (0, "A short one", GenerationOptions(max_new_tokens=12, do_sample=False, ignore_eos=True), None),
-        (3, "A much longer prompt, with many more tokens than the first", GenerationOptions(max_new_tokens=6, do_sample=False),
-         None),
+        (
+            3,
+            "A much longer prompt, with many more tokens than the first",
+            GenerationOptions(max_new_tokens=6, do_sample=False),
+            None,
+        ),
         (3, "", GenerationOptions(max_new_tokens=9, temperature=0.9, top_k=50, ignore_eos=True), 7),
-        (5, "Late", GenerationOptions(max_new_tokens=4, do_sample=False, repetition_penalty=1.5, ignore_eos=True), None),
-    ]  # fmt: skip
-    jobs = [Job([p], prepare_prompts(model.tokenizer, [p], bos=50256), o, seed, False, model) for _, p, o, seed in cases]
+        (
+            5,
+            "Late",
+            GenerationOptions(max_new_tokens=4, do_sample=False, repetition_penalty=1.5, ignore_eos=True),
+            None,
+        ),
+    ]
+    jobs = [
+        Job([p], prepare_prompts(model.tokenizer, [p], bos=50256), o, seed, False, model) for _, p, o, seed in cases
+    ]
     scheduler = Scheduler(model, max_batch_size=16, max_queue=4)  # not started: this test is its worker
     with one_blas_thread():
         for step in range(20):
@@ -397,9 +427,17 @@ def test_rows_joining_and_leaving_mid_decoding_match_the_library(model):
                 scheduler.step()
         assert not scheduler.engine.rows and all(job.closed for job in jobs)
         for (_, prompt, o, seed), job in zip(cases, jobs):
-            expected = model.generate(prompt, max_new_tokens=o.max_new_tokens, do_sample=o.do_sample,
-                                      temperature=o.temperature, top_k=o.top_k, repetition_penalty=o.repetition_penalty,
-                                      ignore_eos=o.ignore_eos, seed=seed, return_full_text=False)  # fmt: skip
+            expected = model.generate(
+                prompt,
+                max_new_tokens=o.max_new_tokens,
+                do_sample=o.do_sample,
+                temperature=o.temperature,
+                top_k=o.top_k,
+                repetition_penalty=o.repetition_penalty,
+                ignore_eos=o.ignore_eos,
+                seed=seed,
+                return_full_text=False,
+            )
             assert job.texts == [expected], prompt
 
 
@@ -441,8 +479,16 @@ def test_leaving_rows_lay_out_their_cache_columns(model):
 def one_row_server(tmp_path_factory):
     """One row at a time, one waiting request, a 1 s timeout; a context of 256 for long requests."""
     folder = checkpoint(tmp_path_factory.mktemp("one-row"), GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=256))
-    server = Server(folder, tmp_path_factory.mktemp("log") / "server.log",
-                    "--max-batch-size", "1", "--max-queue", "1", "--timeout", "1")  # fmt: skip
+    server = Server(
+        folder,
+        tmp_path_factory.mktemp("log") / "server.log",
+        "--max-batch-size",
+        "1",
+        "--max-queue",
+        "1",
+        "--timeout",
+        "1",
+    )
     yield server
     server.stop()
 
@@ -466,6 +512,7 @@ def test_internal_failure_is_500_and_the_server_goes_on(model, monkeypatch):
     server = ScoringServer(("127.0.0.1", 0), model, model_name="tiny", log=log)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
+
         def post(body):
             connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
             connection.request("POST", "/score", json.dumps(body), JSON)
@@ -528,8 +575,10 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tmp_path):
 
 # ---------------------------------------------------------------------------------------- clients that leave
 LONG = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=1024)
-CLOSED_LINE = re.compile(r" POST /score 499 prompts=(\d+) new_tokens=(\d+) \d+\.\d{3}s "
-                         r"error=the client closed the connection$")  # fmt: skip
+CLOSED_LINE = re.compile(
+    r" POST /score 499 prompts=(\d+) new_tokens=(\d+) \d+\.\d{3}s "
+    r"error=the client closed the connection$"
+)
 
 
 @pytest.fixture(scope="module")
@@ -663,8 +712,10 @@ def test_post_without_content_length_is_411(server):
 def test_content_length_headers_that_disagree_are_400(server):
     """Behind a proxy that reads the other one, the first winning would let a request smuggle another."""
     data = json.dumps({"input_data": ["a"], "params": {"max_new_tokens": 1}}).encode()
-    head = (f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
-            f"Content-Length: {len(data) + 40}\r\n\r\n").encode()
+    head = (
+        f"POST /score HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+        f"Content-Length: {len(data) + 40}\r\n\r\n"
+    ).encode()
     answer = raw_exchange(server.port, head + data)
     assert answer.startswith(b"HTTP/1.1 400 ") and b"Content-Length" in answer
 
@@ -722,8 +773,18 @@ def test_a_client_that_half_closes_after_its_request_gets_its_answer(long_server
 @pytest.fixture(scope="module")
 def strict_server(tiny_folder, tmp_path_factory):
     """Short read deadline, few connections, few prompts, a small prefill chunk."""
-    server = Server(tiny_folder, tmp_path_factory.mktemp("log") / "server.log", "--read-timeout", "1",
-                    "--max-connections", "4", "--max-prompts", "8", "--prefill-chunk", "16")
+    server = Server(
+        tiny_folder,
+        tmp_path_factory.mktemp("log") / "server.log",
+        "--read-timeout",
+        "1",
+        "--max-connections",
+        "4",
+        "--max-prompts",
+        "8",
+        "--prefill-chunk",
+        "16",
+    )
     yield server
     server.stop()
 
@@ -1016,17 +1077,21 @@ def test_a_long_prompt_is_prefilled_between_decoding_steps(model):
         while scheduler.engine.busy:
             scheduler.step()
         for job, prompt in ((first, short), (second, long)):
-            assert job.texts == [model.generate(prompt, max_new_tokens=20, do_sample=False, ignore_eos=True,
-                                                return_full_text=False)]
+            assert job.texts == [
+                model.generate(prompt, max_new_tokens=20, do_sample=False, ignore_eos=True, return_full_text=False)
+            ]
 
 
 def test_a_half_closed_streaming_client_gets_a_clean_stream(long_server, long_folder):
     """Once an answer has begun (server-sent events), no interim 100 Continue may be written into it:
     a client that half-closes gets the stream alone, to its end."""
-    body = json.dumps({"model": long_folder.name, "prompt": "Half", "max_tokens": 600, "temperature": 0,
-                       "stream": True}).encode()
-    head = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    body = json.dumps(
+        {"model": long_folder.name, "prompt": "Half", "max_tokens": 600, "temperature": 0, "stream": True}
+    ).encode()
+    head = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
     with socket.create_connection(("127.0.0.1", long_server.port), timeout=60) as sock:
         sock.sendall(head + body)
         sock.shutdown(socket.SHUT_WR)

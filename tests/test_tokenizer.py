@@ -47,8 +47,18 @@ def stdlib_source(min_bytes: int = 400_000) -> str:
     """Real Python source code: stdlib modules concatenated until `min_bytes`."""
     root = Path(json.__file__).parent.parent
     parts, size = [], 0
-    for name in ["argparse.py", "ast.py", "collections/__init__.py", "dataclasses.py", "difflib.py",
-                 "email/_header_value_parser.py", "inspect.py", "pathlib.py", "pydoc.py", "typing.py"]:
+    for name in [
+        "argparse.py",
+        "ast.py",
+        "collections/__init__.py",
+        "dataclasses.py",
+        "difflib.py",
+        "email/_header_value_parser.py",
+        "inspect.py",
+        "pathlib.py",
+        "pydoc.py",
+        "typing.py",
+    ]:
         text = (root / name).read_text(encoding="utf-8")
         parts.append(text)
         size += len(text.encode())
@@ -146,7 +156,7 @@ def test_large_real_text_matches_reference(reference, corpus):
     theirs = reference.encode(text, disallowed_special=())
     assert len(ours) == len(theirs)
     first = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), None)
-    assert first is None, f"first difference at token {first}: {ours[first:first + 5]} vs {theirs[first:first + 5]}"
+    assert first is None, f"first difference at token {first}: {ours[first : first + 5]} vs {theirs[first : first + 5]}"
 
 
 @settings(max_examples=300, deadline=None)
@@ -202,7 +212,7 @@ def test_every_bundled_entry_merges_to_itself(tok):
 
 
 def test_custom_vocabulary_runs_the_merges(tmp_path):
-    """"ab" is an entry, but no merge builds it: BPE (OpenAI's encoder.py, HF's tokenizer) gives [a, b]."""
+    """ "ab" is an entry, but no merge builds it: BPE (OpenAI's encoder.py, HF's tokenizer) gives [a, b]."""
     (tmp_path / "vocab.json").write_text(json.dumps(TINY_VOCAB))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
     tiny = Tokenizer.from_files(tmp_path / "vocab.json", tmp_path / "merges.txt")

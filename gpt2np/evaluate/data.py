@@ -51,17 +51,29 @@ def _apply(text: str, rules: Sequence[tuple[str, str]], *, regex: bool = False) 
 
 _WIKITEXT_RULES = (
     ("s '", "s'"),  # plural possessive: "the players ' union"
-    (" @-@ ", "-"), (" @,@ ", ","), (" @.@ ", "."),  # joined numbers and words: "1 @,@ 000", "state @-@ of"
-    (" : ", ": "), (" ; ", "; "), (" . ", ". "), (" ! ", "! "), (" ? ", "? "), (" , ", ", "),
-    ("= = = =", "===="), ("= = =", "==="), ("= =", "=="),  # section headings
+    (" @-@ ", "-"),
+    (" @,@ ", ","),
+    (" @.@ ", "."),  # joined numbers and words: "1 @,@ 000", "state @-@ of"
+    (" : ", ": "),
+    (" ; ", "; "),
+    (" . ", ". "),
+    (" ! ", "! "),
+    (" ? ", "? "),
+    (" , ", ", "),
+    ("= = = =", "===="),
+    ("= = =", "==="),
+    ("= =", "=="),  # section headings
     (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
-    (" \n", "\n"), ("\n ", "\n"),  # spaces around line breaks
+    (" \n", "\n"),
+    ("\n ", "\n"),  # spaces around line breaks
     (" 's", "'s"),
-)  # fmt: skip
+)
 _WIKITEXT_PAIRS = (  # no space just inside brackets and double quotes
-    (r"\(\s*([^\)]*?)\s*\)", r"(\1)"), (r"\[\s*([^\]]*?)\s*\]", r"[\1]"), (r"{\s*([^}]*?)\s*}", r"{\1}"),
+    (r"\(\s*([^\)]*?)\s*\)", r"(\1)"),
+    (r"\[\s*([^\]]*?)\s*\]", r"[\1]"),
+    (r"{\s*([^}]*?)\s*}", r"{\1}"),
     (r"\"\s*([^\"]*?)\s*\"", r'"\1"'),
-)  # fmt: skip
+)
 
 
 def wikitext_detokenize(text: str) -> str:
@@ -84,10 +96,19 @@ def ptb_detokenize(text: str) -> str:
 
 
 _CBT_RULES = (
-    ("`` ", '"'), (" ''", '"'), ("''", '"'), ("``", '"'),  # LaTeX-style quotes
-    ("-LRB- ", "("), (" -RRB-", ")"),
-    (" ,", ","), (" .", "."), (" ;", ";"), (" :", ":"), (" !", "!"), (" ?", "?"),
-) + _CONTRACTIONS  # fmt: skip
+    ("`` ", '"'),
+    (" ''", '"'),
+    ("''", '"'),
+    ("``", '"'),  # LaTeX-style quotes
+    ("-LRB- ", "("),
+    (" -RRB-", ")"),
+    (" ,", ","),
+    (" .", "."),
+    (" ;", ";"),
+    (" :", ":"),
+    (" !", "!"),
+    (" ?", "?"),
+) + _CONTRACTIONS
 
 
 def cbt_detokenize(text: str) -> str:
@@ -185,8 +206,9 @@ def read_lambada(path: str | os.PathLike) -> list[str]:
             record = json.loads(line)
             passage = record["text"]
         except (ValueError, KeyError, TypeError):
-            raise ValueError(f"{os.fspath(path)} line {n}: expected a JSON object with a 'text' field, "
-                             f"got {line[:60]!r}") from None  # fmt: skip
+            raise ValueError(
+                f"{os.fspath(path)} line {n}: expected a JSON object with a 'text' field, got {line[:60]!r}"
+            ) from None
         if not isinstance(passage, str):
             raise ValueError(f"{os.fspath(path)} line {n}: 'text' must be a string")
         passages.append(passage)
@@ -204,18 +226,24 @@ def read_cbt(path: str | os.PathLike) -> list[ClozeExample]:
             continue
         number, _, body = line.partition(" ")
         if not number.isdigit():
-            raise ValueError(f"{where} line {n}: expected a numbered CBT line ('1 ...' to "
-                             f"'21 query<TAB>answer<TAB><TAB>a|b|...'), got {line[:60]!r}")  # fmt: skip
+            raise ValueError(
+                f"{where} line {n}: expected a numbered CBT line ('1 ...' to "
+                f"'21 query<TAB>answer<TAB><TAB>a|b|...'), got {line[:60]!r}"
+            )
         if "\t" not in body:
             story.append(body.strip())
             continue
         fields = body.split("\t")
         if len(fields) != 4 or CLOZE_BLANK not in fields[0]:
-            raise ValueError(f"{where} line {n}: a CBT query line is 'query with {CLOZE_BLANK}<TAB>answer<TAB><TAB>a|b|...'")
+            raise ValueError(
+                f"{where} line {n}: a CBT query line is 'query with {CLOZE_BLANK}<TAB>answer<TAB><TAB>a|b|...'"
+            )
         query, answer, _, candidates = fields
         candidates = tuple(c for c in candidates.strip().split("|") if c)
         if answer.strip() not in candidates or not story:
-            raise ValueError(f"{where} line {n}: the answer {answer!r} must be one of the candidates, after the story lines")
+            raise ValueError(
+                f"{where} line {n}: the answer {answer!r} must be one of the candidates, after the story lines"
+            )
         examples.append(ClozeExample(tuple(story), query.strip(), answer.strip(), candidates))
         story = []
     if not examples:
@@ -243,8 +271,10 @@ class SummaryExample(NamedTuple):
 
 
 SUMMARY_FIELDS = ("article", "highlights")
-_SUMMARY_FILE = ("CNN/DailyMail test file (JSON lines or CSV with 'article' and 'highlights' fields, "
-                 "the columns of the hub dataset cnn_dailymail 3.0.0)")
+_SUMMARY_FILE = (
+    "CNN/DailyMail test file (JSON lines or CSV with 'article' and 'highlights' fields, "
+    "the columns of the hub dataset cnn_dailymail 3.0.0)"
+)
 
 
 def read_cnn_dailymail(path: str | os.PathLike) -> list[SummaryExample]:
@@ -265,8 +295,9 @@ def _json_rows(text: str, where: str) -> list[tuple[str, dict]]:
         try:
             record = json.loads(line)
         except ValueError:
-            raise ValueError(f"{where} line {n}: expected a JSON object with 'article' and 'highlights' fields, "
-                             f"got {line[:60]!r}") from None
+            raise ValueError(
+                f"{where} line {n}: expected a JSON object with 'article' and 'highlights' fields, got {line[:60]!r}"
+            ) from None
         rows.append((f"line {n}", record))
     return rows
 
@@ -277,8 +308,10 @@ def _csv_rows(text: str, where: str) -> list[tuple[str, dict]]:
         header = reader.fieldnames or []
         missing = [field for field in SUMMARY_FIELDS if field not in header]
         if missing:
-            raise ValueError(f"{where}: the CSV header has {', '.join(map(repr, header)) or 'no columns'}; "
-                             f"expected the columns 'article' and 'highlights' (the {_SUMMARY_FILE})")
+            raise ValueError(
+                f"{where}: the CSV header has {', '.join(map(repr, header)) or 'no columns'}; "
+                f"expected the columns 'article' and 'highlights' (the {_SUMMARY_FILE})"
+            )
         rows = [(f"row {n}", record) for n, record in enumerate(reader, 1)]
     except csv.Error as e:
         raise ValueError(f"{where} line {reader.line_num}: not valid CSV ({e}); pass the {_SUMMARY_FILE}") from None
@@ -291,8 +324,10 @@ def _summary_example(record, where: str) -> SummaryExample:
     """A record's `article` and `highlights`, or a ValueError naming the record and the fields."""
     if not isinstance(record, dict) or any(field not in record for field in SUMMARY_FIELDS):
         keys = ", ".join(map(repr, record)) if isinstance(record, dict) else type(record).__name__
-        raise ValueError(f"{where}: expected the fields 'article' and 'highlights' (the columns of "
-                         f"cnn_dailymail 3.0.0), got {keys or 'no fields'}")
+        raise ValueError(
+            f"{where}: expected the fields 'article' and 'highlights' (the columns of "
+            f"cnn_dailymail 3.0.0), got {keys or 'no fields'}"
+        )
     article, highlights = record["article"], record["highlights"]
     for field, value in (("article", article), ("highlights", highlights)):
         if not isinstance(value, str) or not value.strip():

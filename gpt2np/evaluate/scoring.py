@@ -40,9 +40,15 @@ DEFAULT_STRIDE = 512
 # Scoring: log-probabilities of chosen tokens, batched
 
 
-def score_tokens(model, sequences: Sequence[tuple[Sequence[int], int]], *, batch_size: int = DEFAULT_BATCH_SIZE,
-                 progress: bool = True, desc: str = "scoring",
-                 unit: str = "seq") -> list[tuple[np.ndarray, np.ndarray]]:  # fmt: skip
+def score_tokens(
+    model,
+    sequences: Sequence[tuple[Sequence[int], int]],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+    desc: str = "scoring",
+    unit: str = "seq",
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Score the tail of each sequence: for `(ids, first)`, the tokens `ids[first:]`, each predicted
     from every token before it in `ids`.
 
@@ -89,8 +95,9 @@ def _score_batch(model, batch) -> list[tuple[np.ndarray, np.ndarray]]:
     return list(zip(np.split(log_probs, splits), np.split(greedy, splits)))
 
 
-def target_log_probs(hidden, wte, targets, *, rows: int = LOGIT_ROWS,
-                     alternatives=None):  # [N, C], [V, C], [N] -> [N], [N]
+def target_log_probs(
+    hidden, wte, targets, *, rows: int = LOGIT_ROWS, alternatives=None
+):  # [N, C], [V, C], [N] -> [N], [N]
     """log softmax(hidden @ wte.T)[target] for each row, and whether the target is the argmax.
 
     The log-sum-exp subtracts each row's maximum before exp (no overflow) and sums the float32
@@ -173,9 +180,18 @@ def sliding_windows(n_tokens: int, *, max_length: int, stride: int) -> list[tupl
     return windows
 
 
-def perplexity(model, text: str, *, max_length: int | None = None, stride: int | None = None,
-               prepend_eot: bool = False, words: bool | int = False, limit: int | None = None,
-               batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> dict:  # fmt: skip
+def perplexity(
+    model,
+    text: str,
+    *,
+    max_length: int | None = None,
+    stride: int | None = None,
+    prepend_eot: bool = False,
+    words: bool | int = False,
+    limit: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> dict:
     """Perplexity of `text` under `model`, scored with `sliding_windows`.
 
     Returns a dict:
@@ -199,8 +215,9 @@ def perplexity(model, text: str, *, max_length: int | None = None, stride: int |
         raise TypeError(f"perplexity() takes the text as a str, got {type(text).__name__}")
     max_length = model.config.n_ctx if max_length is None else max_length
     if max_length > model.config.n_ctx:
-        raise ValueError(f"max_length ({max_length}) is longer than the model's context: "
-                         f"pass max_length <= {model.config.n_ctx}")  # fmt: skip
+        raise ValueError(
+            f"max_length ({max_length}) is longer than the model's context: pass max_length <= {model.config.n_ctx}"
+        )
     stride = min(DEFAULT_STRIDE, max_length) if stride is None else stride
     if limit is not None and words is not False:
         raise ValueError("words counts the whole text and limit scores only part of it: pass one of them, not both")
@@ -211,12 +228,20 @@ def perplexity(model, text: str, *, max_length: int | None = None, stride: int |
     if prepend_eot:
         ids = [model.tokenizer.eot_token] + ids
     if len(ids) < 2:
-        raise ValueError(f"the text has {len(ids)} token(s): at least 2 are needed (the first is context only), "
-                         "or pass prepend_eot=True to score a one-token text")  # fmt: skip
+        raise ValueError(
+            f"the text has {len(ids)} token(s): at least 2 are needed (the first is context only), "
+            "or pass prepend_eot=True to score a one-token text"
+        )
     windows = sliding_windows(len(ids), max_length=max_length, stride=stride)
     id_array = np.asarray(ids, dtype=np.intp)  # windows are views into it, not copies
-    scored = score_tokens(model, [(id_array[begin:end], first - begin) for begin, end, first in windows],
-                          batch_size=batch_size, progress=progress, desc="perplexity", unit="window")  # fmt: skip
+    scored = score_tokens(
+        model,
+        [(id_array[begin:end], first - begin) for begin, end, first in windows],
+        batch_size=batch_size,
+        progress=progress,
+        desc="perplexity",
+        unit="window",
+    )
     nll_sum = -sum(float(log_probs.sum()) for log_probs, _ in scored)
     tokens = len(ids) - 1
     n_bytes = len(model.tokenizer.decode_bytes(ids[1:]))
@@ -229,17 +254,29 @@ def perplexity(model, text: str, *, max_length: int | None = None, stride: int |
     }
     if n_words is not None:
         result |= {"words": n_words, "ppl_word": _exp(nll_sum / n_words)}
-    return result | {"max_length": max_length, "stride": stride, "prepend_eot": prepend_eot, "windows": len(windows),
-                     "limit": limit}  # fmt: skip
+    return result | {
+        "max_length": max_length,
+        "stride": stride,
+        "prepend_eot": prepend_eot,
+        "windows": len(windows),
+        "limit": limit,
+    }
 
 
 # --------------------------------------------------------------------------------------------
 # Perplexity of separate lines (One Billion Word)
 
 
-def score_lines(model, lines: Sequence[str], *, eos: bool = True, max_length: int | None = None,
-                stride: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE,
-                progress: bool = True) -> list[np.ndarray]:
+def score_lines(
+    model,
+    lines: Sequence[str],
+    *,
+    eos: bool = True,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> list[np.ndarray]:
     """Log-probabilities of each line scored as its own document, all lines batched together.
 
     A line is `<|endoftext|> + line`, and with `eos` a closing `<|endoftext|>`: the first token
@@ -252,8 +289,9 @@ def score_lines(model, lines: Sequence[str], *, eos: bool = True, max_length: in
     eot = model.tokenizer.eot_token
     sequences, owners = [], []
     for n, line in enumerate(lines):
-        ids = np.asarray([eot, *model.tokenizer.encode(line, disallowed_special=()), *([eot] if eos else [])],
-                         dtype=np.intp)
+        ids = np.asarray(
+            [eot, *model.tokenizer.encode(line, disallowed_special=()), *([eot] if eos else [])], dtype=np.intp
+        )
         if len(ids) < 2:
             raise ValueError(f"line {n + 1} is empty: nothing to score (pass eos=True to score its end)")
         for begin, end, first in sliding_windows(len(ids), max_length=max_length, stride=stride):
@@ -266,9 +304,17 @@ def score_lines(model, lines: Sequence[str], *, eos: bool = True, max_length: in
     return [np.concatenate(parts) for parts in per_line]
 
 
-def line_perplexity(model, lines: Sequence[str], *, eos: bool = True, words: int | None = None,
-                    max_length: int | None = None, stride: int | None = None,
-                    batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> dict:
+def line_perplexity(
+    model,
+    lines: Sequence[str],
+    *,
+    eos: bool = True,
+    words: int | None = None,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> dict:
     """Perplexity of lines that are separate documents (One Billion Word's shuffled sentences):
     each line is scored alone (`score_lines`), conditioned on `<|endoftext|>`.
 
@@ -284,8 +330,9 @@ def line_perplexity(model, lines: Sequence[str], *, eos: bool = True, words: int
     if words is not None and (isinstance(words, bool) or not isinstance(words, int) or words < 1):
         raise ValueError(f"words must be a positive count, got {words!r}")
     max_length, stride = _window_options(model, max_length, stride)
-    scored = score_lines(model, lines, eos=eos, max_length=max_length, stride=stride, batch_size=batch_size,
-                         progress=progress)
+    scored = score_lines(
+        model, lines, eos=eos, max_length=max_length, stride=stride, batch_size=batch_size, progress=progress
+    )
     nll_sum = -sum(float(log_probs.sum()) for log_probs in scored)
     tokens = sum(len(log_probs) for log_probs in scored)
     result = {"ppl": _exp(nll_sum / tokens), "nll": nll_sum / tokens, "tokens": tokens, "lines": len(lines)}
@@ -298,8 +345,9 @@ def _window_options(model, max_length: int | None, stride: int | None) -> tuple[
     """`max_length` (default: the model's context, never longer) and `stride` (default: min(512, max_length))."""
     max_length = model.config.n_ctx if max_length is None else max_length
     if max_length > model.config.n_ctx:
-        raise ValueError(f"max_length ({max_length}) is longer than the model's context: "
-                         f"pass max_length <= {model.config.n_ctx}")
+        raise ValueError(
+            f"max_length ({max_length}) is longer than the model's context: pass max_length <= {model.config.n_ctx}"
+        )
     return max_length, min(DEFAULT_STRIDE, max_length) if stride is None else stride
 
 
@@ -338,12 +386,20 @@ def split_last_word(passage: str) -> tuple[str, str]:
     passage = passage.strip()
     context, space, word = passage.rpartition(" ")
     if not space or not context.strip() or not word:
-        raise ValueError(f"a LAMBADA passage needs a context and a last word separated by a space, got {passage[:60]!r}")
+        raise ValueError(
+            f"a LAMBADA passage needs a context and a last word separated by a space, got {passage[:60]!r}"
+        )
     return context, " " + word
 
 
-def lambada(model, examples: Iterable[str], *, prepend_eot: bool = False, batch_size: int = DEFAULT_BATCH_SIZE,
-            progress: bool = True) -> dict:  # fmt: skip
+def lambada(
+    model,
+    examples: Iterable[str],
+    *,
+    prepend_eot: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> dict:
     """LAMBADA: predict each passage's last word from the passage before it.
 
     The target is `" " + last_word`, tokenized on its own after the context (`split_last_word`).
@@ -394,14 +450,16 @@ def _continuation(model, context: str, continuation: str, *, prepend_eot: bool) 
     if not target_ids:
         raise ValueError("the continuation is empty: there is nothing to score")
     if len(target_ids) >= model.config.n_ctx:
-        raise ValueError(f"a continuation of {len(target_ids)} tokens leaves no room for context "
-                         f"in {model.config.n_ctx} tokens")  # fmt: skip
+        raise ValueError(
+            f"a continuation of {len(target_ids)} tokens leaves no room for context in {model.config.n_ctx} tokens"
+        )
     ids = (context_ids + target_ids)[-model.config.n_ctx :]
     return ids, len(ids) - len(target_ids)
 
 
-def _context_and_targets(model, context: str, continuations: Sequence[str], *,
-                         prepend_eot: bool) -> tuple[list[int], list[list[int]]]:  # fmt: skip
+def _context_and_targets(
+    model, context: str, continuations: Sequence[str], *, prepend_eot: bool
+) -> tuple[list[int], list[list[int]]]:
     """The context's ids (tokenized once, shared by every continuation) and each continuation's ids,
     with `_continuation`'s checks."""
     tokenizer = model.tokenizer
@@ -416,15 +474,22 @@ def _context_and_targets(model, context: str, continuations: Sequence[str], *,
         if not target_ids:
             raise ValueError("the continuation is empty: there is nothing to score")
         if len(target_ids) >= model.config.n_ctx:
-            raise ValueError(f"a continuation of {len(target_ids)} tokens leaves no room for context "
-                             f"in {model.config.n_ctx} tokens")  # fmt: skip
+            raise ValueError(
+                f"a continuation of {len(target_ids)} tokens leaves no room for context in {model.config.n_ctx} tokens"
+            )
         targets.append(target_ids)
     return context_ids, targets
 
 
-def score_continuations(model, groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]], *,
-                        batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True, desc: str = "scoring",
-                        unit: str = "seq") -> list[list[tuple[np.ndarray, np.ndarray]]]:  # fmt: skip
+def score_continuations(
+    model,
+    groups: Sequence[tuple[Sequence[int], Sequence[Sequence[int]]]],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+    desc: str = "scoring",
+    unit: str = "seq",
+) -> list[list[tuple[np.ndarray, np.ndarray]]]:
     """Score several continuations of one shared context, the context run through the model once.
 
     `groups` holds `(context_ids, [target_ids, ...])`; the result, per group and per target, is
@@ -449,8 +514,10 @@ def score_continuations(model, groups: Sequence[tuple[Sequence[int], Sequence[Se
                     fallback.append((ids, len(ids) - len(targets[j])))
                     owners.append((g, j))
             if cached:
-                for j, scored in zip(cached, _score_cached(model, context_ids, [targets[j] for j in cached],
-                                                           batch_size=batch_size, bar=bar)):  # fmt: skip
+                for j, scored in zip(
+                    cached,
+                    _score_cached(model, context_ids, [targets[j] for j in cached], batch_size=batch_size, bar=bar),
+                ):
                     results[g][j] = scored
         if fallback:
             for (g, j), scored in zip(owners, score_tokens(model, fallback, batch_size=batch_size, progress=False)):
@@ -466,8 +533,9 @@ def _score_cached(model, context_ids, targets, *, batch_size, bar) -> list[tuple
     results, done = [], 0
     for B, states in engine.continuation_states(model, context_ids, targets, batch_size=batch_size):
         batch = targets[done : done + B]
-        log_probs, greedy = target_log_probs(np.concatenate(states), model.lm_head_weight,
-                                             np.concatenate([np.asarray(t, dtype=np.intp) for t in batch]))  # fmt: skip
+        log_probs, greedy = target_log_probs(
+            np.concatenate(states), model.lm_head_weight, np.concatenate([np.asarray(t, dtype=np.intp) for t in batch])
+        )
         splits = np.cumsum([len(t) for t in batch])[:-1]
         results += zip(np.split(log_probs, splits), np.split(greedy, splits))
         done += B
@@ -475,8 +543,15 @@ def _score_cached(model, context_ids, targets, *, batch_size, bar) -> list[tuple
     return results
 
 
-def multiple_choice(model, context: str, candidates: Sequence[str], *, prepend_eot: bool = False,
-                    batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> dict:  # fmt: skip
+def multiple_choice(
+    model,
+    context: str,
+    candidates: Sequence[str],
+    *,
+    prepend_eot: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> dict:
     """Score each candidate continuation of `context`; the highest total log-likelihood wins.
 
     A candidate is the rest of the sentence with the choice filled in (for CBT, `" Tom went home."`
@@ -489,8 +564,9 @@ def multiple_choice(model, context: str, candidates: Sequence[str], *, prepend_e
     if not candidates:
         raise ValueError("no candidates to choose from")
     group = _context_and_targets(model, context, candidates, prepend_eot=prepend_eot)
-    (scored,) = score_continuations(model, [group], batch_size=batch_size, progress=progress, desc="candidates",
-                                    unit="candidate")  # fmt: skip
+    (scored,) = score_continuations(
+        model, [group], batch_size=batch_size, progress=progress, desc="candidates", unit="candidate"
+    )
     scores = [float(log_probs.sum()) for log_probs, _ in scored]
     return {"scores": scores, "best": int(np.argmax(scores))}
 
@@ -513,8 +589,15 @@ def cloze_choices(example: ClozeExample, *, detokenizer: str = "cbt") -> tuple[s
     return filled[0][:cut], [text[cut:] for text in filled]
 
 
-def cbt(model, examples: Iterable[ClozeExample], *, detokenizer: str = "cbt", prepend_eot: bool = False,
-        batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> dict:  # fmt: skip
+def cbt(
+    model,
+    examples: Iterable[ClozeExample],
+    *,
+    detokenizer: str = "cbt",
+    prepend_eot: bool = False,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> dict:
     """Children's Book Test accuracy: per question, the candidate whose completed sentence is most
     likely (`multiple_choice`), every candidate of every question batched together.
 
@@ -530,8 +613,12 @@ def cbt(model, examples: Iterable[ClozeExample], *, detokenizer: str = "cbt", pr
     scored = score_continuations(model, groups, batch_size=batch_size, progress=progress, desc="cbt", unit="candidate")
     scores = [[float(log_probs.sum()) for log_probs, _ in group] for group in scored]
     correct = [ex.candidates[int(np.argmax(s))] == ex.answer for ex, s in zip(examples, scores)]
-    return {"accuracy": float(np.mean(correct)), "examples": len(examples), "detokenizer": detokenizer,
-            "prepend_eot": prepend_eot}  # fmt: skip
+    return {
+        "accuracy": float(np.mean(correct)),
+        "examples": len(examples),
+        "detokenizer": detokenizer,
+        "prepend_eot": prepend_eot,
+    }
 
 
 def _check_batch_size(batch_size) -> None:

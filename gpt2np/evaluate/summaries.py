@@ -69,8 +69,11 @@ def rouge_scorer(*, use_stemmer: bool = True):
     try:
         from rouge_score import rouge_scorer as scorer_module
     except ImportError:
-        raise MissingExtra(f"the cnn_dailymail task scores summaries with Google's rouge-score package, which is "
-                           f"not installed: {EVAL_EXTRA}", name="rouge_score") from None
+        raise MissingExtra(
+            f"the cnn_dailymail task scores summaries with Google's rouge-score package, which is "
+            f"not installed: {EVAL_EXTRA}",
+            name="rouge_score",
+        ) from None
     return scorer_module.RougeScorer(list(ROUGE_TYPES), use_stemmer=use_stemmer)
 
 
@@ -80,8 +83,10 @@ def rouge(summaries: Sequence[str], references: Sequence[str], *, use_stemmer: b
     if len(summaries) != len(references):
         raise ValueError(f"{len(summaries)} summaries but {len(references)} references: pass one of each per article")
     scorer = rouge_scorer(use_stemmer=use_stemmer)
-    return [{name: score.fmeasure for name, score in scorer.score(reference, summary).items()}
-            for summary, reference in zip(summaries, references)]
+    return [
+        {name: score.fmeasure for name, score in scorer.score(reference, summary).items()}
+        for summary, reference in zip(summaries, references)
+    ]
 
 
 # --------------------------------------------------------------------------------------------
@@ -114,8 +119,9 @@ def summary_of(generated: str, *, sentences: int = 3) -> str:
 # The prompt
 
 
-def summary_prompt(tokenizer, article: str, suffix_ids: Sequence[int], *, room: int,
-                   truncation: str = "keep_start") -> tuple[list[int], bool]:
+def summary_prompt(
+    tokenizer, article: str, suffix_ids: Sequence[int], *, room: int, truncation: str = "keep_start"
+) -> tuple[list[int], bool]:
     """The prompt's ids, article then suffix, the article cut to `room - len(suffix_ids)` tokens
     (its beginning, or its end with "keep_end"), and whether it was cut. `<|endoftext|>` written in
     an article is plain text, as in every scored text of gpt2np.evaluate."""
@@ -142,10 +148,21 @@ def _prompt_room(model, suffix_ids: Sequence[int], max_new_tokens: int) -> int:
 # The task
 
 
-def summarize(model, examples: Iterable[SummaryExample | tuple[str, str]], *, suffix: str = PAPER_SUFFIX,
-              max_new_tokens: int = 100, top_k: int | None = 2, temperature: float = 1.0, sentences: int = 3,
-              seed: int | None = 0, truncation: str = "keep_start", use_stemmer: bool = True,
-              batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> dict:
+def summarize(
+    model,
+    examples: Iterable[SummaryExample | tuple[str, str]],
+    *,
+    suffix: str = PAPER_SUFFIX,
+    max_new_tokens: int = 100,
+    top_k: int | None = 2,
+    temperature: float = 1.0,
+    sentences: int = 3,
+    seed: int | None = 0,
+    truncation: str = "keep_start",
+    use_stemmer: bool = True,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> dict:
     """Summarise each article zero-shot and score the summaries with ROUGE (see the module's docstring).
 
     `examples` are `(article, highlights)` pairs. Returns a dict:
@@ -164,21 +181,47 @@ def summarize(model, examples: Iterable[SummaryExample | tuple[str, str]], *, su
     rouge_scorer(use_stemmer=use_stemmer)  # a missing rouge-score fails now, not after the generation
     suffix_ids = model.tokenizer.encode(suffix, disallowed_special=())
     room = _prompt_room(model, suffix_ids, max_new_tokens)
-    prompts = [summary_prompt(model.tokenizer, ex.article, suffix_ids, room=room, truncation=truncation)
-               for ex in examples]
-    generated = generate_summaries(model, [ids for ids, _ in prompts], options, row_generators(seed, len(prompts)),
-                                   batch_size=batch_size, progress=progress)
+    prompts = [
+        summary_prompt(model.tokenizer, ex.article, suffix_ids, room=room, truncation=truncation) for ex in examples
+    ]
+    generated = generate_summaries(
+        model,
+        [ids for ids, _ in prompts],
+        options,
+        row_generators(seed, len(prompts)),
+        batch_size=batch_size,
+        progress=progress,
+    )
     summaries = [summary_of(text, sentences=sentences) for text, _ in generated]
     scores = rouge(summaries, [ex.highlights for ex in examples], use_stemmer=use_stemmer)
-    articles = [{"index": i, "summary": summaries[i], "generated": generated[i][0], **scores[i],
-                 "prompt_tokens": len(prompts[i][0]), "new_tokens": generated[i][1], "truncated": prompts[i][1],
-                 "highlights": examples[i].highlights} for i in range(len(examples))]
+    articles = [
+        {
+            "index": i,
+            "summary": summaries[i],
+            "generated": generated[i][0],
+            **scores[i],
+            "prompt_tokens": len(prompts[i][0]),
+            "new_tokens": generated[i][1],
+            "truncated": prompts[i][1],
+            "highlights": examples[i].highlights,
+        }
+        for i in range(len(examples))
+    ]
     means = {name: sum(score[name] for score in scores) / len(scores) for name in ROUGE_TYPES}
     return means | {
-        "examples": len(examples), "tokens": sum(n for _, n in generated), "truncated": sum(c for _, c in prompts),
-        "suffix": suffix, "max_new_tokens": max_new_tokens, "top_k": top_k, "temperature": temperature,
-        "sentences": sentences, "seed": seed, "truncation": truncation, "use_stemmer": use_stemmer,
-        "sentence_split": "regex", "articles": articles,
+        "examples": len(examples),
+        "tokens": sum(n for _, n in generated),
+        "truncated": sum(c for _, c in prompts),
+        "suffix": suffix,
+        "max_new_tokens": max_new_tokens,
+        "top_k": top_k,
+        "temperature": temperature,
+        "sentences": sentences,
+        "seed": seed,
+        "truncation": truncation,
+        "use_stemmer": use_stemmer,
+        "sentence_split": "regex",
+        "articles": articles,
     }
 
 
@@ -193,8 +236,15 @@ def _check_truncation(truncation) -> None:
         raise ValueError(f"truncation must be one of {', '.join(TRUNCATIONS)}, got {truncation!r}")
 
 
-def generate_summaries(model, prompts: Sequence[Sequence[int]], options: GenerationOptions, rngs, *,
-                       batch_size: int = DEFAULT_BATCH_SIZE, progress: bool = True) -> list[tuple[str, int]]:
+def generate_summaries(
+    model,
+    prompts: Sequence[Sequence[int]],
+    options: GenerationOptions,
+    rngs,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    progress: bool = True,
+) -> list[tuple[str, int]]:
     """Generate after each prompt with its own random generator, `batch_size` prompts a ragged
     batch (shortest first, so a batch pads little): per prompt, in order, the new text and its
     token count. A bar on stderr counts prompts and shows the tokens generated a second."""
@@ -202,8 +252,9 @@ def generate_summaries(model, prompts: Sequence[Sequence[int]], options: Generat
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     results: list = [None] * len(prompts)
-    with tqdm(total=len(prompts), desc="cnn_dailymail", unit="article", disable=not progress, file=sys.stderr,
-              leave=False) as bar:
+    with tqdm(
+        total=len(prompts), desc="cnn_dailymail", unit="article", disable=not progress, file=sys.stderr, leave=False
+    ) as bar:
         rate = _TokenRate(bar)
         for start in range(0, len(order), batch_size):
             batch = order[start : start + batch_size]
@@ -257,8 +308,13 @@ def format_summary_table(report: dict, *, model: str = "") -> str:
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     method = ", ".join(f"{key}={metrics[key]!r}" if key == "suffix" else f"{key}={metrics[key]}" for key in _METHOD)
     counts = f"examples={metrics['examples']}, tokens={metrics['tokens']}, truncated={metrics['truncated']}"
-    footer = [f"model: {model}" if model else "", f"data: {report['data']}", f"method: {method}",
-              "method: the first sentences of the output (regex rule), one a line for ROUGE-Lsum; ROUGE F1 from "
-              "rouge-score, averaged over articles", f"scored: {counts}",
-              "paper: Radford et al. 2019, Table 4, GPT-2 1.5B (not this model's size), the paper's own ROUGE"]
+    footer = [
+        f"model: {model}" if model else "",
+        f"data: {report['data']}",
+        f"method: {method}",
+        "method: the first sentences of the output (regex rule), one a line for ROUGE-Lsum; ROUGE F1 from "
+        "rouge-score, averaged over articles",
+        f"scored: {counts}",
+        "paper: Radford et al. 2019, Table 4, GPT-2 1.5B (not this model's size), the paper's own ROUGE",
+    ]
     return "\n".join(line for line in lines + footer if line)

@@ -55,41 +55,101 @@ class Task:
 TASKS: dict[str, Task] = {
     t.name: t
     for t in (
-        Task("lambada", "lambada", (("accuracy", "accuracy", 0.4599), ("ppl_word", "ppl (per word)", 35.13)),
-             source=LAMBADA_SOURCE, data_hint="lambada_test.jsonl (OpenAI's LAMBADA test set, JSON lines)"),
-        Task("cbt-cn", "cbt", (("accuracy", "accuracy", 0.8765),), detokenizer="cbt",
-             data_hint="cbtest_CN_test_2500ex.txt from the CBT release"),
-        Task("cbt-ne", "cbt", (("accuracy", "accuracy", 0.834),), detokenizer="cbt",
-             data_hint="cbtest_NE_test_2500ex.txt from the CBT release"),
-        Task("wikitext2", "perplexity", (("ppl_word", "ppl (per word)", 29.41),), detokenizer="wikitext",
-             word_units=True, data_hint="wikitext-2/wiki.test.tokens from the WikiText-2 release"),
-        Task("ptb", "perplexity", (("ppl_word", "ppl (per word)", 65.85),), detokenizer="ptb", word_units=True,
-             data_hint="ptb.test.txt from Mikolov's simple-examples archive"),
-        Task("enwik8", "perplexity", (("bits_per_byte", "bits per byte", 1.16),), char_level=True,
-             data_hint="enwik8 (the 100,000,000-byte file inside enwik8.zip)"),
-        Task("text8", "perplexity", (("bits_per_byte", "bits per character", 1.17),), char_level=True,
-             data_hint="text8 (the 100,000,000-byte file inside text8.zip)"),
-        Task("wikitext103", "perplexity", (("ppl_word", "ppl (per word)", 37.50),), detokenizer="wikitext",
-             word_units=True, data_hint="wikitext-103/wiki.test.tokens from the WikiText-103 release"),
+        Task(
+            "lambada",
+            "lambada",
+            (("accuracy", "accuracy", 0.4599), ("ppl_word", "ppl (per word)", 35.13)),
+            source=LAMBADA_SOURCE,
+            data_hint="lambada_test.jsonl (OpenAI's LAMBADA test set, JSON lines)",
+        ),
+        Task(
+            "cbt-cn",
+            "cbt",
+            (("accuracy", "accuracy", 0.8765),),
+            detokenizer="cbt",
+            data_hint="cbtest_CN_test_2500ex.txt from the CBT release",
+        ),
+        Task(
+            "cbt-ne",
+            "cbt",
+            (("accuracy", "accuracy", 0.834),),
+            detokenizer="cbt",
+            data_hint="cbtest_NE_test_2500ex.txt from the CBT release",
+        ),
+        Task(
+            "wikitext2",
+            "perplexity",
+            (("ppl_word", "ppl (per word)", 29.41),),
+            detokenizer="wikitext",
+            word_units=True,
+            data_hint="wikitext-2/wiki.test.tokens from the WikiText-2 release",
+        ),
+        Task(
+            "ptb",
+            "perplexity",
+            (("ppl_word", "ppl (per word)", 65.85),),
+            detokenizer="ptb",
+            word_units=True,
+            data_hint="ptb.test.txt from Mikolov's simple-examples archive",
+        ),
+        Task(
+            "enwik8",
+            "perplexity",
+            (("bits_per_byte", "bits per byte", 1.16),),
+            char_level=True,
+            data_hint="enwik8 (the 100,000,000-byte file inside enwik8.zip)",
+        ),
+        Task(
+            "text8",
+            "perplexity",
+            (("bits_per_byte", "bits per character", 1.17),),
+            char_level=True,
+            data_hint="text8 (the 100,000,000-byte file inside text8.zip)",
+        ),
+        Task(
+            "wikitext103",
+            "perplexity",
+            (("ppl_word", "ppl (per word)", 37.50),),
+            detokenizer="wikitext",
+            word_units=True,
+            data_hint="wikitext-103/wiki.test.tokens from the WikiText-103 release",
+        ),
     )
-}  # fmt: skip
+}
 TASKS["1bw"] = Task(
-    "1bw", "lines", (("ppl_word", "ppl (per word)", 75.20), ("ppl", "ppl (per token)", None)), detokenizer="1bw",
+    "1bw",
+    "lines",
+    (("ppl_word", "ppl (per word)", 75.20), ("ppl", "ppl (per token)", None)),
+    detokenizer="1bw",
     word_units=True,
     data_hint="news.en.heldout-00000-of-00050 (heldout-monolingual.tokenized.shuffled in the 1BW release)",
     note="each line scored alone as <|endoftext|> + line + <|endoftext|> (the closing one for </S>); "
-         "ppl_word = exp(total nll / (words + one </S> a line)), words counted in the tokenized file",
+    "ppl_word = exp(total nll / (words + one </S> a line)), words counted in the tokenized file",
 )
 TASKS["cnn_dailymail"] = Task(
-    "cnn_dailymail", "summaries", (),
+    "cnn_dailymail",
+    "summaries",
+    (),
     data_hint="the cnn_dailymail 3.0.0 test split as JSON lines or CSV with 'article' and 'highlights' fields",
 )
 
 
-def evaluate_task(model, task: str, *, data: str | os.PathLike | None = None, max_length: int | None = None,
-                  stride: int | None = None, batch_size: int = DEFAULT_BATCH_SIZE, limit: int | None = None,
-                  prepend_eot: bool = False, detokenizer: str | None = None, cache_dir=None,
-                  progress: bool = True, seed: int | None = 0, **summary_options) -> dict:  # fmt: skip
+def evaluate_task(
+    model,
+    task: str,
+    *,
+    data: str | os.PathLike | None = None,
+    max_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    limit: int | None = None,
+    prepend_eot: bool = False,
+    detokenizer: str | None = None,
+    cache_dir=None,
+    progress: bool = True,
+    seed: int | None = 0,
+    **summary_options,
+) -> dict:
     """Run one task of the model card's table on a data file (or LAMBADA's checked download).
 
     Returns `{"task", "data", "metrics", "model_card"}`: `metrics` is the result of `perplexity`,
@@ -109,8 +169,9 @@ def evaluate_task(model, task: str, *, data: str | os.PathLike | None = None, ma
     report = {"task": spec.name, "data": os.fspath(path)}
     options = {key: value for key, value in summary_options.items() if value is not None}
     if spec.kind == "summaries":
-        metrics = summarize(model, read_cnn_dailymail(path)[:limit], seed=seed, batch_size=batch_size,
-                            progress=progress, **options)
+        metrics = summarize(
+            model, read_cnn_dailymail(path)[:limit], seed=seed, batch_size=batch_size, progress=progress, **options
+        )
         articles = metrics.pop("articles")
         return report | {"metrics": metrics, "model_card": {}, "paper": PAPER_FIGURES, "articles": articles}
     if options:
@@ -120,20 +181,43 @@ def evaluate_task(model, task: str, *, data: str | os.PathLike | None = None, ma
         metrics = lambada(model, passages, prepend_eot=prepend_eot, batch_size=batch_size, progress=progress)
         metrics["detokenizer"] = detokenizer
     elif spec.kind == "cbt":
-        metrics = cbt(model, read_cbt(path)[:limit], detokenizer=detokenizer, prepend_eot=prepend_eot,
-                      batch_size=batch_size, progress=progress)  # fmt: skip
+        metrics = cbt(
+            model,
+            read_cbt(path)[:limit],
+            detokenizer=detokenizer,
+            prepend_eot=prepend_eot,
+            batch_size=batch_size,
+            progress=progress,
+        )
     elif spec.kind == "lines":
-        metrics = _one_billion_word(model, spec, path, detokenizer=detokenizer, limit=limit, max_length=max_length,
-                                    stride=stride, batch_size=batch_size, progress=progress)
+        metrics = _one_billion_word(
+            model,
+            spec,
+            path,
+            detokenizer=detokenizer,
+            limit=limit,
+            max_length=max_length,
+            stride=stride,
+            batch_size=batch_size,
+            progress=progress,
+        )
     else:
         if spec.char_level:
             original = read_char_test(path, what=spec.data_hint)
         else:
             original = read_text(path, what=spec.data_hint)
         words = count_words(original, eos_per_line=True) if spec.word_units and limit is None else False
-        metrics = perplexity(model, detokenize(original, style=detokenizer), max_length=max_length, stride=stride,
-                             prepend_eot=prepend_eot, words=words, limit=limit, batch_size=batch_size,
-                             progress=progress)  # fmt: skip
+        metrics = perplexity(
+            model,
+            detokenize(original, style=detokenizer),
+            max_length=max_length,
+            stride=stride,
+            prepend_eot=prepend_eot,
+            words=words,
+            limit=limit,
+            batch_size=batch_size,
+            progress=progress,
+        )
         metrics["detokenizer"] = detokenizer
     model_card = {key: value for key, _, value in spec.card if value is not None}
     return report | {"metrics": metrics, "model_card": model_card}
@@ -144,8 +228,9 @@ def _one_billion_word(model, spec: Task, path: Path, *, detokenizer: str, limit:
     words are counted in the tokenized lines, plus one </S> a line, the benchmark's own units."""
     lines = [line for line in read_text(path, what=spec.data_hint).splitlines() if line.strip()][:limit]
     words = count_words("\n".join(lines), eos_per_line=True)
-    metrics = line_perplexity(model, [detokenize(line, style=detokenizer) for line in lines], eos=True, words=words,
-                              **options)
+    metrics = line_perplexity(
+        model, [detokenize(line, style=detokenizer) for line in lines], eos=True, words=words, **options
+    )
     return metrics | {"detokenizer": detokenizer, "limit": limit}
 
 

@@ -35,8 +35,9 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .engine import Row, check_fits
+from .engine import check_fits
 from .generation import RowText, prepare_prompts
+from .jobs import Job, JobRow
 from .request import RequestError, check_prompt_bytes, read_json
 from .sampling import GenerationOptions, LogitAdjustments, OptionError, check_logprobs, check_seed, row_generators
 
@@ -411,14 +412,22 @@ class CompletionText(RowText):
         return taken
 
 
-class CompletionRow(Row):
-    """One choice while it decodes: an engine row that knows its job, its index and its text."""
+class CompletionRow(JobRow):
+    """One choice while it decodes: a job's row that knows its index (row i * n + j is prompt i's choice j)."""
 
     def __init__(self, job: CompletionJob, index: int, ids: list[int], request: CompletionRequest, rng, model):
-        super().__init__(ids, request.options, rng, model.config.vocab_size, request.adjust, logprobs=request.logprobs)
-        self.job, self.index = job, index
-        self.text = CompletionText(self, model.tokenizer, request.options.stop)
-        self.settled = False  # counted by its job as finished (set by the scheduler)
+        text = CompletionText(self, model.tokenizer, request.options.stop)
+        super().__init__(
+            job,
+            ids,
+            request.options,
+            rng,
+            model.config.vocab_size,
+            text,
+            adjust=request.adjust,
+            logprobs=request.logprobs,
+        )
+        self.index = index
         self.closed = False  # its text closed: nothing more comes
         self.reported = False  # its finish_reason handed out
 
@@ -427,12 +436,11 @@ class CompletionRow(Row):
         return "stop" if self.sampler.ended or self.text.stopped else "length"
 
 
-class CompletionJob:
-    """One accepted completion request as the scheduler sees a job (gpt2np.server's Job does the same):
-    `rows`, `n_admitted`, `closed`, `fail`, `row_finished`, `done` and `error`. Row i * n + j is
-    prompt i's choice j."""
+class CompletionJob(Job):
+    """One accepted completion request: n rows per prompt, whose texts a stream reads as they grow."""
 
     def __init__(self, request: CompletionRequest, model):
+        super().__init__()
         n = request.n
         rngs = row_generators(request.seed, len(request.prompts) * n)
         self.rows = [
@@ -440,44 +448,13 @@ class CompletionJob:
             for i, ids in enumerate(request.prompts)
             for j in range(n)
         ]
-        self.n_admitted = 0  # rows handed to the batch so far
-        self.n_unfinished = len(self.rows)
-        self.done = threading.Event()
-        self.error = None  # the server's HTTPError, if the job failed
-        self.changed = threading.Condition()  # guards the rows' texts; notified at every change
-        self.changes = 0  # counted under `changed`, so a reader knows whether it has seen the last one
 
-    @property
-    def closed(self) -> bool:
-        return self.done.is_set()
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(row.n_new for row in self.rows)
-
-    def row_finished(self) -> None:
-        """A row has settled (the scheduler marks it first): close its text; the job is done with the last."""
-        with self.changed:
-            for row in self.rows:
-                if row.settled and not row.closed:
-                    row.text.close()
-                    row.closed = True
-            self.n_unfinished -= 1
-            if self.n_unfinished == 0:
-                self.done.set()
-            self.changes += 1
-            self.changed.notify_all()
-
-    def fail(self, error) -> bool:
-        """End the job with an error; False if it had already ended."""
-        with self.changed:
-            if self.done.is_set():
-                return False
-            self.error = error
-            self.done.set()
-            self.changes += 1
-            self.changed.notify_all()
-            return True
+    def on_row_finished(self) -> None:
+        """Close the text of every row that has settled: a stream may hand out its end."""
+        for row in self.rows:
+            if row.settled and not row.closed:
+                row.text.close()
+                row.closed = True
 
 
 # ---------------------------------------------------------------------------------------- answers

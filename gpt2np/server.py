@@ -77,8 +77,9 @@ from .console import (
     run,
     wants_debug,
 )
-from .engine import Engine, Row, check_fits
+from .engine import Engine, check_fits
 from .generation import RowText, prepare_prompts
+from .jobs import Job, JobRow
 from .request import Request, RequestError, check_prompt_bytes, longest_token_bytes, parse_request
 from .sampling import GenerationOptions, row_generators
 
@@ -154,68 +155,26 @@ def check_size(request: Request, n_ctx: int, max_token_bytes: int, max_prompts: 
 
 
 # ---------------------------------------------------------------------------------------- jobs
-class JobRow(Row):
-    """One prompt of a job while it decodes: an engine row that knows its job and its text so far."""
-
-    def __init__(self, job: Job, ids: list[int], options: GenerationOptions, rng, tokenizer, vocab_size: int):
-        super().__init__(ids, options, rng, vocab_size)
-        self.job = job
-        self.text = RowText(tokenizer, options.stop)
-        self.settled = False  # counted by its job as finished
-
-
-class Job:
-    """One accepted /score request: its rows, and the outcome its handler waits for.
-
-    The outcome is set once, by whichever comes first: the worker (all rows finished, or a
-    failure) or the handler (timeout, or the client closed the connection).
-    """
+class ScoreJob(Job):
+    """One accepted /score request: a row per prompt; its answer is the list of texts."""
 
     def __init__(
         self, prompts: list[str], ids: list[list[int]], options: GenerationOptions, seed, return_full_text: bool, model
     ):
+        super().__init__()
         self.prompts, self.return_full_text = prompts, return_full_text
         rngs = row_generators(seed, len(prompts))
+        vocab_size, tokenizer = model.config.vocab_size, model.tokenizer
         self.rows = [
-            JobRow(self, p, options, rng, model.tokenizer, model.config.vocab_size) for p, rng in zip(ids, rngs)
+            JobRow(self, p, options, rng, vocab_size, RowText(tokenizer, options.stop)) for p, rng in zip(ids, rngs)
         ]
-        self.n_admitted = 0  # rows handed to the batch so far
-        self.shared = False  # whether another job's rows ran in a pass with this job's (X-Shared-Batch)
-        self.n_unfinished = len(self.rows)
-        self.done = threading.Event()
         self.texts: list[str] | None = None
-        self.error: HTTPError | None = None
-        self._lock = threading.Lock()
 
-    @property
-    def closed(self) -> bool:
-        return self.done.is_set()
-
-    @property
-    def new_tokens(self) -> int:
-        return sum(row.n_new for row in self.rows)
-
-    def row_finished(self) -> None:
-        self.n_unfinished -= 1
-        if self.n_unfinished == 0:
-            for row in self.rows:
-                row.text.close()
-            texts = [row.text.text for row in self.rows]
-            if self.return_full_text:
-                texts = [p + t for p, t in zip(self.prompts, texts)]
-            self._settle(texts, None)
-
-    def fail(self, error: HTTPError) -> bool:
-        """End the job with an error; False if it had already ended."""
-        return self._settle(None, error)
-
-    def _settle(self, texts, error) -> bool:
-        with self._lock:
-            if self.done.is_set():
-                return False
-            self.texts, self.error = texts, error
-            self.done.set()
-            return True
+    def on_finished(self) -> None:
+        for row in self.rows:
+            row.text.close()
+        texts = [row.text.text for row in self.rows]
+        self.texts = [p + t for p, t in zip(self.prompts, texts)] if self.return_full_text else texts
 
 
 def internal_error(e: BaseException) -> HTTPError:
@@ -702,7 +661,7 @@ class ScoringHandler(BaseHTTPRequestHandler):
         with self.server.tokenizing:
             ids = prepare_prompts(model.tokenizer, prompts, bos=model.config.bos_token_id)
         check_lengths(request, ids, model.config.n_ctx, self.server.max_new_tokens_cap)
-        job = Job(prompts, ids, request.options, request.seed, request.return_full_text, model)
+        job = ScoreJob(prompts, ids, request.options, request.seed, request.return_full_text, model)
         self.server.scheduler.submit(job)
         self._wait_for(job)
         self._new_tokens = job.new_tokens

@@ -396,7 +396,7 @@ def test_rows_joining_and_leaving_mid_decoding_match_the_library(model):
     histories, so the cache widens and pads) and leave at different steps."""
     from gpt2np.generation import prepare_prompts
     from gpt2np.sampling import GenerationOptions
-    from gpt2np.server import Job, Scheduler
+    from gpt2np.server import Scheduler, ScoreJob
 
     cases = [  # (step at which it joins, prompt, options, seed)
         (0, "A short one", GenerationOptions(max_new_tokens=12, do_sample=False, ignore_eos=True), None),
@@ -415,7 +415,8 @@ def test_rows_joining_and_leaving_mid_decoding_match_the_library(model):
         ),
     ]
     jobs = [
-        Job([p], prepare_prompts(model.tokenizer, [p], bos=50256), o, seed, False, model) for _, p, o, seed in cases
+        ScoreJob([p], prepare_prompts(model.tokenizer, [p], bos=50256), o, seed, False, model)
+        for _, p, o, seed in cases
     ]
     scheduler = Scheduler(model, max_batch_size=16, max_queue=4)  # not started: this test is its worker
     with one_blas_thread():
@@ -448,11 +449,11 @@ def test_leaving_rows_lay_out_their_cache_columns(model):
     from gpt2np.engine import Engine
     from gpt2np.generation import prepare_prompts
     from gpt2np.sampling import GenerationOptions
-    from gpt2np.server import Job
+    from gpt2np.server import ScoreJob
 
     prompts = ["One", "A longer prompt than the first", "Mid length one", "x"]
     o = GenerationOptions(max_new_tokens=5, do_sample=False, ignore_eos=True)
-    job = Job(prompts, prepare_prompts(model.tokenizer, prompts, bos=50256), o, None, False, model)
+    job = ScoreJob(prompts, prepare_prompts(model.tokenizer, prompts, bos=50256), o, None, False, model)
     engine = Engine(model)
     engine.add(job.rows)
     engine.choose()
@@ -1034,11 +1035,11 @@ def test_a_request_with_many_prompts_does_not_hold_the_batch(model):
     joins at the next step instead of waiting for the first job's rows to finish."""
     from gpt2np.generation import prepare_prompts
     from gpt2np.sampling import GenerationOptions
-    from gpt2np.server import Job, Scheduler
+    from gpt2np.server import Scheduler, ScoreJob
 
     o = GenerationOptions(max_new_tokens=50, do_sample=False, ignore_eos=True)
-    big = Job(["x"] * 100, prepare_prompts(model.tokenizer, ["x"] * 100, bos=50256), o, None, False, model)
-    small = Job(["y"], prepare_prompts(model.tokenizer, ["y"], bos=50256), o, None, False, model)
+    big = ScoreJob(["x"] * 100, prepare_prompts(model.tokenizer, ["x"] * 100, bos=50256), o, None, False, model)
+    small = ScoreJob(["y"], prepare_prompts(model.tokenizer, ["y"], bos=50256), o, None, False, model)
     scheduler = Scheduler(model, max_batch_size=4, max_queue=4)  # not started: this test is its worker
     scheduler.submit(big)
     with one_blas_thread():
@@ -1054,12 +1055,12 @@ def test_a_long_prompt_is_prefilled_between_decoding_steps(model):
     get a token at every step, and both answers are the library's."""
     from gpt2np.generation import prepare_prompts
     from gpt2np.sampling import GenerationOptions
-    from gpt2np.server import Job, Scheduler
+    from gpt2np.server import Scheduler, ScoreJob
 
     o = GenerationOptions(max_new_tokens=20, do_sample=False, ignore_eos=True)
     short, long = "Short", " a" * 100
-    first = Job([short], prepare_prompts(model.tokenizer, [short], bos=50256), o, None, False, model)
-    second = Job([long], prepare_prompts(model.tokenizer, [long], bos=50256), o, None, False, model)
+    first = ScoreJob([short], prepare_prompts(model.tokenizer, [short], bos=50256), o, None, False, model)
+    second = ScoreJob([long], prepare_prompts(model.tokenizer, [long], bos=50256), o, None, False, model)
     scheduler = Scheduler(model, max_batch_size=4, max_queue=4, prefill_chunk=16)
     with one_blas_thread():
         scheduler.submit(first)

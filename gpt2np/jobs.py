@@ -1,0 +1,75 @@
+"""What the server's scheduler decodes: a job (one accepted request) and its rows.
+
+Both of the server's APIs make jobs of this kind: `/score` (gpt2np.server's `ScoreJob`) and
+`/v1/completions` (gpt2np.completions' `CompletionJob`), so the scheduler admits, steps and settles
+them all the same way. A job's outcome is set once, by whichever comes first: the worker (every row
+finished, or a failure) or the request's handler (its timeout, or its client gone). `changed` is
+notified at every change, so a handler that streams can wait for the next one.
+"""
+
+from __future__ import annotations
+
+import threading
+
+from .engine import Row
+from .generation import RowText
+
+
+class JobRow(Row):
+    """One row of a job while it decodes: an engine row that knows its job and its text so far."""
+
+    def __init__(self, job: Job, ids, options, rng, vocab_size: int, text: RowText, **row_options):
+        super().__init__(ids, options, rng, vocab_size, **row_options)
+        self.job, self.text = job, text
+        self.settled = False  # counted by its job as finished (set by the scheduler)
+
+
+class Job:
+    """One accepted request as the scheduler sees it: its rows, how many have joined the batch,
+    and the outcome its handler waits for (`done`, then `error` or the subclass's answer)."""
+
+    def __init__(self):
+        self.rows: list[JobRow] = []
+        self.n_admitted = 0  # rows handed to the batch so far
+        self.shared = False  # whether another job's rows ran in a pass with this job's (X-Shared-Batch)
+        self.done = threading.Event()
+        self.error = None  # the server's HTTPError, if the job failed
+        self.changed = threading.Condition()  # notified at every change of the job or its rows' texts
+        self.changes = 0  # counted under `changed`, so a reader knows whether it has seen the last one
+
+    @property
+    def closed(self) -> bool:
+        return self.done.is_set()
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(row.n_new for row in self.rows)
+
+    def row_finished(self) -> None:
+        """A row has settled (the scheduler marks it first); the job is done with the last one."""
+        with self.changed:
+            self.on_row_finished()
+            if not self.done.is_set() and all(row.settled for row in self.rows):
+                self.on_finished()
+                self.done.set()
+            self._changed()
+
+    def fail(self, error) -> bool:
+        """End the job with an error; False if it had already ended."""
+        with self.changed:
+            if self.done.is_set():
+                return False
+            self.error = error
+            self.done.set()
+            self._changed()
+            return True
+
+    def on_row_finished(self) -> None:
+        """Called, under `changed`, each time a row settles."""
+
+    def on_finished(self) -> None:
+        """Called, under `changed`, once every row has settled (unless the job failed first)."""
+
+    def _changed(self) -> None:
+        self.changes += 1
+        self.changed.notify_all()

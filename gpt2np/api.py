@@ -21,6 +21,7 @@ from .checkpoint import CONFIG_NAME, check_tokenizer, load_state_dict, random_st
 from .config import GPT2Config
 from .generation import Completion, check_prompts, complete, generate_ids, generate_text, prepare_prompts, stream_text
 from .sampling import LogitAdjustments, check_logprobs, generation_arguments, row_generators
+from .threads import Threads, min_positions, resolve_threads
 from .tokenizer import Tokenizer
 
 
@@ -41,22 +42,28 @@ class GPT2:
     or `GPT2.from_pretrained("path/to/folder")` (a folder with config.json + model.safetensors).
     """
 
-    def __init__(self, config, params, tokenizer=None, *, name=None):
+    def __init__(self, config, params, tokenizer=None, *, name=None, threads=None):
         self.config = config
         self.params = params  # nested dict of float32 arrays, keyed by the checkpoint's names
         self.tokenizer = tokenizer if tokenizer is not None else Tokenizer()
         self.name = name
+        # The threads of long forward passes (gpt2np.threads): `threads` if given, else
+        # $GPT2NP_NUM_THREADS, else every core this process may use. threads=1 runs serially.
+        self.threads = Threads(threads, min_positions=min_positions(config.n_embd))
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path, *, revision="main", cache_dir=None, token=None, offline=None, progress=True
+        cls, name_or_path, *, revision="main", cache_dir=None, token=None, offline=None, progress=True, threads=None
     ) -> "GPT2":
         """Load a checkpoint folder, or a hub repo (`gpt2`, `openai-community/gpt2-medium`, ...).
 
         A folder is used as it is. Otherwise the name is a hub repo id (short names `gpt2`,
         `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2` are mapped to their repos), fetched
         into the HuggingFace cache unless already there; see `gpt2np.hub.snapshot_download`.
+        `threads`: how many threads a long forward pass (a prompt, scoring) uses; None takes
+        $GPT2NP_NUM_THREADS or else every core the process may use, 1 runs serially.
         """
+        threads = resolve_threads(threads)  # a bad value fails before any download
         folder = Path(name_or_path)
         if not folder.is_dir():
             text = str(name_or_path)
@@ -78,12 +85,12 @@ class GPT2:
         vocab, merges = folder / "vocab.json", folder / "merges.txt"
         tokenizer = Tokenizer.from_files(vocab, merges) if vocab.is_file() and merges.is_file() else Tokenizer()
         check_tokenizer(config, tokenizer)  # a mismatch fails here, not in the middle of a generation
-        return cls(config, params, tokenizer, name=str(name_or_path))
+        return cls(config, params, tokenizer, name=str(name_or_path), threads=threads)
 
     @classmethod
-    def from_random(cls, config, *, seed=0, std=0.02) -> "GPT2":
+    def from_random(cls, config, *, seed=0, std=0.02, threads=None) -> "GPT2":
         """A randomly initialised model of the given config (for tests and benchmarks)."""
-        return cls(config, unflatten(random_state_dict(config, seed=seed, std=std)), name="random")
+        return cls(config, unflatten(random_state_dict(config, seed=seed, std=std)), name="random", threads=threads)
 
     @property
     def lm_head_weight(self):  # [V, C]
@@ -119,7 +126,10 @@ class GPT2:
 
     def __repr__(self) -> str:
         c = self.config
-        return f"GPT2({self.name!r}, n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, n_ctx={c.n_ctx})"
+        return (
+            f"GPT2({self.name!r}, n_layer={c.n_layer}, n_head={c.n_head}, n_embd={c.n_embd}, n_ctx={c.n_ctx}, "
+            f"threads={self.threads.n})"
+        )
 
     # ------------------------------------------------------------------ generation
     # The options of generate, generate_ids and stream are keyword arguments read by one function,

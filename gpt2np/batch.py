@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .batchwork import FORMATS, TASKS, Job, Line, line_id
+from .threads import ENVIRONMENT_VARIABLE, available_cores
 
 EXIT_LINES_FAILED = 3  # the job ran to its end, but some lines have an "error" record
 
@@ -207,20 +208,14 @@ def stop_processes(pool) -> None:
     pool.shutdown(wait=True, cancel_futures=True)
 
 
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+# What each worker process reads at start: its BLAS's thread count, and its own pool's (gpt2np.threads).
+BLAS_VARIABLES = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", ENVIRONMENT_VARIABLE)
 
 
 @contextlib.contextmanager
 def blas_threads(n: int):
-    """Set the BLAS thread count for the processes started in the block (they read it when NumPy
-    loads); this process's own BLAS, already loaded, is not changed."""
+    """Set the BLAS and gpt2np thread counts for the processes started in the block (they read them
+    when NumPy loads and when the model is made); this process's own, already set, are not changed."""
     saved = {name: os.environ.get(name) for name in BLAS_VARIABLES}
     os.environ.update({name: str(n) for name in BLAS_VARIABLES})
     try:
@@ -305,7 +300,7 @@ def resolve_model(name: str, *, revision: str, cache_dir: str | None, progress: 
 
 def build_parser(prog: str):
     from .cli import add_generation_arguments, add_hub_arguments
-    from .console import ArgumentParser, add_debug_argument, positive_int
+    from .console import ArgumentParser, add_debug_argument, add_threads_argument, positive_int
 
     parser = ArgumentParser(
         prog=prog, allow_abbrev=False, description=DESCRIPTION, epilog=EPILOG, formatter_class=_raw_formatter()
@@ -354,6 +349,7 @@ def build_parser(prog: str):
         help="run on a Ray cluster at ADDRESS, or a local Ray instance without one (pip install 'gpt2np[ray]')",
     )
     r.add_argument("--quiet", action="store_true", help="no progress bar or notes on stderr (default: show them)")
+    add_threads_argument(r, default="the worker's share of the cores")
     add_debug_argument(r)
     g = parser.add_argument_group('generate (a line\'s "params" override these)')
     add_generation_arguments(g)
@@ -417,6 +413,7 @@ def make_job(args, model_folder: str) -> Job:
         stride=args.stride,
         prepend_eot=args.prepend_eot,
         batch_size=args.batch_size,
+        threads=args.threads,
     )
 
 

@@ -45,7 +45,8 @@ class RayWorker:
     """The callable class of `map_records`: one Worker (one model) per actor, kept for every batch."""
 
     def __init__(self, job: Job):
-        self.worker = Worker(job)
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
+        self.worker = Worker(job, threads=max(1, int(cpus)))  # the actor's share of the cores, as its pool
 
     def __call__(self, batch: dict) -> dict:
         """Rows {"index", "chunk"} -> rows {"index", "records"}: a chunk's records as JSON lines."""

@@ -51,6 +51,7 @@ class Job:
     stride: int | None = None  # score: how far a window moves (default: min(512, max_length))
     prepend_eot: bool = False  # score: put <|endoftext|> before the text, so its first token is scored
     batch_size: int = 8  # lines per chunk; for score also windows per forward pass
+    threads: int | None = None  # each worker's threads (gpt2np.threads); None: its share of the cores
 
 
 @dataclass(frozen=True)
@@ -114,11 +115,12 @@ def required_text(data: dict, key: str, line: Line) -> str:
 class Worker:
     """Turns chunks of lines into records with one model, loaded once."""
 
-    def __init__(self, job: Job, model=None):
+    def __init__(self, job: Job, model=None, *, threads=None):
         if job.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {job.task!r}")
         self.job = job
-        self.model = model if model is not None else load(job.model)
+        threads = job.threads if job.threads is not None else threads  # --threads, else the caller's share
+        self.model = model if model is not None else load(job.model, threads=threads)
 
     def __call__(self, lines: Sequence[Line]) -> list[dict]:
         """One record per line, in the lines' order."""
@@ -127,11 +129,11 @@ class Worker:
         return score_records(self.model, self.job, lines)
 
 
-def load(folder: str):
+def load(folder: str, *, threads=None):
     from .api import GPT2
 
     try:
-        return GPT2.from_pretrained(folder, progress=False)
+        return GPT2.from_pretrained(folder, progress=False, threads=threads)
     except (ValueError, OSError) as e:
         raise ModelLoadError(f"cannot load the model {folder!r}: {e}") from None
 

@@ -30,6 +30,7 @@ from .console import (
     ArgumentParser,
     UsageError,
     add_debug_argument,
+    add_threads_argument,
     load_model,
     non_negative_float,
     non_negative_int,
@@ -135,7 +136,9 @@ def generate_command(argv: list[str], *, prog: str) -> int:
     check_generate_args(args)
     require_stdout()
     request = read_request(args.json, args) if args.json is not None else flags_request(args)
-    model = load_model(args.model, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet)
+    model = load_model(
+        args.model, revision=args.revision, cache_dir=args.cache_dir, progress=not args.quiet, threads=args.threads
+    )
     prompts = fit_prompts(model, request, args, prog=prog)
     if args.json is not None:
         print_json_answer(model, prompts, request, args.num_samples, out=sys.stdout)
@@ -193,6 +196,7 @@ exit status:
         "checkpoint folder (default: %(default)s)",
     )
     add_hub_arguments(parser)
+    add_threads_argument(parser)
     g = parser.add_argument_group("generation")
     add_generation_arguments(g)
     g.add_argument(

@@ -161,13 +161,25 @@ def add_debug_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show the traceback of an error (default: one line)")
 
 
-def load_model(name_or_path: str, *, revision: str, cache_dir: str | None, progress: bool):
-    """GPT2.from_pretrained, with a failure (no such folder or repo, no network, a bad checkpoint)
-    turned into a UsageError that names the model."""
+def add_threads_argument(parser, default: str = "$GPT2NP_NUM_THREADS, else every core") -> None:
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"threads of a long forward pass, a prompt's or a score's (default: {default}; 1: serial)",
+    )
+
+
+def load_model(name_or_path: str, *, revision: str, cache_dir: str | None, progress: bool, threads=None):
+    """GPT2.from_pretrained, with a failure (no such folder or repo, no network, a bad checkpoint, a
+    bad $GPT2NP_NUM_THREADS) turned into a UsageError that names the model."""
     from .api import GPT2
 
     try:
-        model = GPT2.from_pretrained(name_or_path, revision=revision, cache_dir=cache_dir, progress=progress)
+        model = GPT2.from_pretrained(
+            name_or_path, revision=revision, cache_dir=cache_dir, progress=progress, threads=threads
+        )
     except (ValueError, OSError) as e:  # the hub's errors are OSErrors
         raise UsageError(f"cannot load the model {name_or_path!r}: {one_line(e)}") from e
     check_ctrl_c()

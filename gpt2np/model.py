@@ -40,7 +40,7 @@ MASKED = np.finfo(np.float32).min
 _GELU_A = -2 * math.sqrt(2 / math.pi)  # the factor of -2u in `gelu`
 
 
-def gelu(x):  # [..., F] -> [..., F]
+def gelu(x, out=None):  # [..., F] -> [..., F]
     """GELU, GPT-2's tanh approximation: 0.5 x (1 + tanh(u)) with u = sqrt(2/pi) (x + 0.044715 x^3).
 
     Computed as x / (1 + exp(-2u)), the same function (0.5 (1 + tanh(u)) is the logistic sigmoid
@@ -48,7 +48,7 @@ def gelu(x):  # [..., F] -> [..., F]
     in-place ufuncs over one buffer instead of nine (measured 1.6x faster on the MLP's
     [1024, 3072] activation). For x below about -10, exp(-2u) overflows to inf and x / inf is
     -0.0, the correct limit; for large positive x it underflows to 0 and the result is x. Neither
-    is an error. The formula as written: `reference.gelu`.
+    is an error. The formula as written: `reference.gelu`. `out` may be x itself.
     """
     y = x * x  # x^2
     y *= _GELU_A * 0.044715
@@ -57,13 +57,13 @@ def gelu(x):  # [..., F] -> [..., F]
     with np.errstate(over="ignore", under="ignore"):  # exp(-2u) -> inf or 0: both give the right answer
         np.exp(y, out=y)
     y += 1
-    return np.divide(x, y, out=y)
+    return np.divide(x, y, out=y if out is None else out)
 
 
-def layer_norm(x, weight, bias, eps):  # [..., C] -> [..., C]
+def layer_norm(x, weight, bias, eps, out=None):  # [..., C] -> [..., C]
     """Normalise each position to zero mean and unit variance, then scale and shift (Ba et al., 2016)."""
     C = x.shape[-1]
-    x = x - x.sum(axis=-1, keepdims=True) / C  # centre; a new array, so the residual stream is kept
+    x = np.subtract(x, x.sum(axis=-1, keepdims=True) / C, out=out)  # centre; x itself (the residual) is kept
     variance = np.einsum("...c,...c->...", x, x)[..., None] / C  # mean square, with no x*x temporary
     x *= 1 / np.sqrt(variance + eps)
     x *= weight
@@ -71,12 +71,45 @@ def layer_norm(x, weight, bias, eps):  # [..., C] -> [..., C]
     return x
 
 
-def linear(x, weight, bias):  # [..., in] @ [in, out] + [out] -> [..., out]
-    """An affine map. Leading axes are flattened first, so the weight is read once by one matrix
-    product (a stacked [B, T, in] @ [in, out] would run B separate products, reading it B times)."""
-    y = x.reshape(-1, x.shape[-1]) @ weight
-    y += bias
-    return y.reshape(*x.shape[:-1], weight.shape[-1])
+def linear(x, weight, bias, *, activation=None, pool=None):  # [..., in] @ [in, out] + [out] -> [..., out]
+    """An affine map, then `activation` if given (applied in place). Leading axes are flattened
+    first, so the weight is read once by one matrix product (a stacked [B, T, in] @ [in, out] would
+    run B separate products, reading it B times). With a pool, each thread computes its own band
+    of output columns, the activation included while the band is still in cache."""
+    x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+    y = np.empty((x2.shape[0], weight.shape[-1]), dtype=np.float32)  # [N, out]
+
+    def columns(j):
+        np.matmul(x2, weight[:, j], out=y[:, j])
+        y[:, j] += bias[j]
+        if activation is not None:
+            activation(y[:, j], out=y[:, j])
+
+    parallel(pool, columns, pieces(y.shape[1], pool, multiple=64))
+    return y.reshape(*x.shape[:-1], y.shape[1])
+
+
+def parallel(pool, fn, items):
+    """Call fn(item) for each item: in order on this thread when `pool` is None, else spread over
+    the pool's threads (`gpt2np.threads.Pool`). The one place the model splits work over threads.
+    Each item writes only its own part of an output allocated beforehand, and does the arithmetic
+    the serial code does on that part, so no two threads touch the same numbers."""
+    if pool is None:
+        for item in items:
+            fn(item)
+    else:
+        pool.map(fn, items)
+
+
+def pieces(n, pool, *, multiple=1):  # -> list of slices covering range(n)
+    """range(n) whole when `pool` is None, else cut into one near-equal piece per thread, each cut
+    at a multiple of `multiple` (the product kernels' column widths divide 64)."""
+    if pool is None:
+        return [slice(0, n)]
+    units = -(-n // multiple)
+    parts = min(pool.n, units)
+    cuts = [min(n, (units * i // parts) * multiple) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
 
 
 def softmax(x):  # [..., S] -> [..., S]
@@ -100,29 +133,33 @@ def attention(q, k, v, mask):  # [B, H, T, D], [B, H, S, D], [B, H, S, D], [B, 1
     return softmax(scores) @ v
 
 
-def causal_attention(q, k, v, mask, *, start=0, block=128):  # [B, H, T, D], [B, H, S, D] x2 -> [B, H, T, D]
+def causal_attention(q, k, v, mask, *, start=0, block=128, pool=None):  # [B, H, T, D], [B, H, S, D] x2 -> [B, H, T, D]
     """`attention` for the queries at positions start..start+T, a block of queries at a time.
 
     The same numbers as one call, faster: a query never sees a later key, so the block of queries
     i..e needs only the keys up to start+e. Over a 1024-token prompt that skips the upper triangle
     of the score matrix (half the products, half the softmax) and keeps the scores block x S
-    instead of T x S, small enough to stay in cache: measured 2-3x faster per layer. One head at a
+    instead of T x S, small enough to stay in cache: measured 2-3x faster per layer. With a pool,
+    the (head group, query block) pairs run on its threads, the longest blocks first. One head at a
     time, with the mask added to the scores: `reference.attention`.
     """
-    T = q.shape[2]
-    if T <= block:
+    B, H, T, D = q.shape
+    if T <= block and pool is None:
         return attention(q, k, v, mask)
     out = np.empty(q.shape, dtype=q.dtype)
-    for i in range(0, T, block):
-        e = min(T, i + block)
+
+    def one(item):  # heads h, queries i..e
+        h, i, e = item
         S = start + e  # keys this block may see
-        out[:, :, i:e] = attention(
-            q[:, :, i:e], k[:, :, :S], v[:, :, :S], None if mask is None else mask[:, :, i:e, :S]
-        )
+        m = None if mask is None else mask[:, :, i:e, :S]
+        out[:, h, i:e] = attention(q[:, h, i:e], k[:, h, :S], v[:, h, :S], m)
+
+    blocks = [(i, min(T, i + block)) for i in range(0, T, block)]
+    parallel(pool, one, [(h, i, e) for i, e in reversed(blocks) for h in pieces(H, pool)])
     return out
 
 
-def mha(x, c_attn, c_proj, *, n_head, scale, mask, kv_cache=None, start=0):  # [B, T, C] -> [B, T, C]
+def mha(x, c_attn, c_proj, *, n_head, scale, mask, kv_cache=None, start=0, pool=None):  # [B, T, C] -> [B, T, C]
     """Masked multi-head self-attention, all heads in one matrix product (`reference.mha` loops over them).
 
     With a KV cache (`kv_cache` = the pair of this layer's key and value buffers [B, H, S_max, D]),
@@ -131,7 +168,7 @@ def mha(x, c_attn, c_proj, *, n_head, scale, mask, kv_cache=None, start=0):  # [
     projections instead of the whole sequence's.
     """
     B, T, C = x.shape
-    qkv = linear(x, **c_attn)  # [B, T, 3C]
+    qkv = linear(x, **c_attn, pool=pool)  # [B, T, 3C]
     q, k, v = qkv.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)  # 3 x [B, H, T, D]
     q *= scale  # q is a view into qkv: scale in place
     if kv_cache is not None:
@@ -139,39 +176,49 @@ def mha(x, c_attn, c_proj, *, n_head, scale, mask, kv_cache=None, start=0):  # [
         k_cache[:, :, start : start + T] = k
         v_cache[:, :, start : start + T] = v
         k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # [B, H, S, D]
-    out = causal_attention(q, k, v, mask, start=start)  # [B, H, T, D]
+    out = causal_attention(q, k, v, mask, start=start, pool=pool)  # [B, H, T, D]
     out = out.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge the heads back into C channels
-    return linear(out, **c_proj)
+    return linear(out, **c_proj, pool=pool)
 
 
-def ffn(x, c_fc, c_proj):  # [B, T, C] -> [B, T, C]
+def ffn(x, c_fc, c_proj, pool=None):  # [B, T, C] -> [B, T, C]
     """The position-wise MLP: expand to F channels, GELU, project back to C."""
-    return linear(gelu(linear(x, **c_fc)), **c_proj)
+    return linear(linear(x, **c_fc, activation=gelu, pool=pool), **c_proj, pool=pool)
 
 
-def block(x, p, *, n_head, eps, scale, mask, kv_cache=None, start=0):  # [B, T, C] -> [B, T, C]
+def norm(x, p, eps, pool):  # [B, T, C] -> [B, T, C]
+    """`layer_norm` into a new array, with a pool one band of positions per thread."""
+    x2, out = x.reshape(-1, x.shape[-1]), np.empty(x.shape, dtype=np.float32)
+    out2 = out.reshape(x2.shape)
+    parallel(pool, lambda r: layer_norm(x2[r], **p, eps=eps, out=out2[r]), pieces(len(x2), pool))
+    return out
+
+
+def block(x, p, *, n_head, eps, scale, mask, kv_cache=None, start=0, pool=None):  # [B, T, C] -> [B, T, C]
     """One pre-norm transformer block: two residual additions, done in place on x."""
     x += mha(
-        layer_norm(x, **p["ln_1"], eps=eps),
+        norm(x, p["ln_1"], eps, pool),
         **p["attn"],
         n_head=n_head,
         scale=scale,
         mask=mask,
         kv_cache=kv_cache,
         start=start,
+        pool=pool,
     )
-    x += ffn(layer_norm(x, **p["ln_2"], eps=eps), **p["mlp"])
+    x += ffn(norm(x, p["ln_2"], eps, pool), **p["mlp"], pool=pool)
     return x
 
 
-def gpt2(ids, positions, params, config, *, mask=None, kv_cache=None, start=0):  # [B, T] -> [B, T, C]
+def gpt2(ids, positions, params, config, *, mask=None, kv_cache=None, start=0, pool=None):  # [B, T] -> [B, T, C]
     """The transformer trunk: embeddings, n_layer blocks, final layer norm.
 
     `positions` [B, T] indexes the learned position embeddings (per row, so left-padded rows can
     start counting at their first real token). `mask` [B, 1, T, S] says which keys each query may
     see (causal and padding); None means none is hidden, as when decoding one token with no
     padding. `kv_cache`, if given, is a list with one (keys, values) pair of [B, H, S_max, D]
-    buffers per layer, and `start` is where this call's T positions go in them.
+    buffers per layer, and `start` is where this call's T positions go in them. `pool`, if given,
+    is the thread pool each step splits its work over (`parallel`); None runs everything here.
     """
     x = params["wte"]["weight"][ids] + params["wpe"]["weight"][positions]  # [B, T, C]
     scale = 1 / math.sqrt(config.n_embd // config.n_head) if config.scale_attn_weights else 1.0  # 1/sqrt(D)
@@ -186,13 +233,18 @@ def gpt2(ids, positions, params, config, *, mask=None, kv_cache=None, start=0): 
             mask=mask,
             kv_cache=None if kv_cache is None else kv_cache[i],
             start=start,
+            pool=pool,
         )
-    return layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)
+    return norm(x, params["ln_f"], config.layer_norm_epsilon, pool)
 
 
-def lm_head(x, wte):  # [..., C] -> [..., V]
-    """Logits: the final hidden states times the token embedding (weights tied, as in GPT-2)."""
-    return (x.reshape(-1, x.shape[-1]) @ wte.T).reshape(*x.shape[:-1], wte.shape[0])
+def lm_head(x, wte, pool=None):  # [..., C] -> [..., V]
+    """Logits: the final hidden states times the token embedding (weights tied, as in GPT-2). With a
+    pool, each thread computes the logits of its own band of the vocabulary."""
+    x2 = x.reshape(-1, x.shape[-1])  # [N, C]
+    y = np.empty((x2.shape[0], wte.shape[0]), dtype=np.float32)  # [N, V]
+    parallel(pool, lambda j: np.matmul(x2, wte[j].T, out=y[:, j]), pieces(wte.shape[0], pool, multiple=64))
+    return y.reshape(*x.shape[:-1], wte.shape[0])
 
 
 def causal_mask(key_valid, start, T):  # [B, S] -> [B, 1, T, S]

@@ -68,6 +68,7 @@ from .console import (
     EXIT_OK,
     ArgumentParser,
     add_debug_argument,
+    add_threads_argument,
     fail,
     load_model,
     one_line,
@@ -998,6 +999,7 @@ def build_parser(prog: str = "gpt2np serve") -> argparse.ArgumentParser:
         f"the new one gets 503 (default: {DEFAULT_MAX_CONNECTIONS}, and at most the file "
         "descriptor limit minus 64)",
     )
+    add_threads_argument(parser)
     add_debug_argument(parser)
     return parser
 
@@ -1038,7 +1040,7 @@ def main(argv=None, *, prog: str = "gpt2np serve") -> int:
 def serve(argv: list[str], *, prog: str) -> int:
     """Load the model, listen, and serve until SIGTERM or SIGINT."""
     args = build_parser(prog).parse_args(argv)
-    model = load_model(args.model, revision="main", cache_dir=None, progress=True)
+    model = load_model(args.model, revision="main", cache_dir=None, progress=True, threads=args.threads)
     limits = Limits(
         max_prompts=args.max_prompts,
         prefill_chunk=args.prefill_chunk,

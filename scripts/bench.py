@@ -8,13 +8,18 @@ compare runs made seconds apart on the same (noisy) machine.
     python scripts/bench.py                      # tokenizer + random full-size gpt2 (124M)
     python scripts/bench.py --shape gpt2-medium  # the 24-layer, 1024-wide shape
     python scripts/bench.py --model path/to/ckpt # a real checkpoint folder
-    python scripts/bench.py --only tokenizer     # one part: tokenizer | model
+    python scripts/bench.py --only tokenizer     # one part: tokenizer | model | scaling
 
 The floor: decoding one token at batch 1 must multiply a vector by every weight matrix once, so
 the time of exactly those vector-matrix products over the same weights, in float32 with NumPy's
 BLAS, is a floor no float32 implementation can go below on this machine. Beside the prefill, the
 table gives the time of its dense products alone (every weight matrix applied to every position):
 the part of a prefill that is large matrix products, the same work in any implementation.
+
+Threads: gpt2np's own pool (gpt2np.threads) is measured in-process against the same model with
+threads=1. The scaling rows run fresh processes pinned with `taskset -c 0` (one core: gpt2np
+threads=1, torch.set_num_threads(1), OpenBLAS sees one CPU) and then on every core, and report
+the speedup from one core to all, gpt2np's next to PyTorch's, for the prefill and batch-8 decode.
 """
 
 from __future__ import annotations
@@ -240,6 +245,79 @@ def hf_prefill(torch, model, T):
         model(ids, use_cache=False)
 
 
+SCALING_CHILD = """
+import os, statistics, sys, time
+which, folder, task, repeat, new_tokens = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
+cores = len(os.sched_getaffinity(0))
+if which == "gpt2np":
+    from gpt2np import GPT2
+    m = GPT2.from_pretrained(folder, threads=cores)
+    T = m.config.n_ctx
+    prompts = [[(13 * b + i) % 50000 + 1 for i in range(8)] for b in range(8)]
+    prefill = lambda: m(list(range(1, T + 1)))
+    decode = lambda: m.generate_ids(prompts, max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
+else:
+    import torch
+    from transformers import GPT2LMHeadModel
+    torch.set_num_threads(cores)
+    m = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+    T = m.config.n_positions
+    ids = torch.tensor([list(range(1, T + 1))])
+    p = torch.tensor([[(13 * b + i) % 50000 + 1 for i in range(8)] for b in range(8)])
+    def prefill():
+        with torch.inference_mode():
+            m(ids, use_cache=False)
+    def decode():
+        with torch.inference_mode():
+            m.generate(p, attention_mask=torch.ones_like(p), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, pad_token_id=0)
+fn = prefill if task == "prefill" else decode
+fn()
+times = []
+for _ in range(repeat):
+    t = time.perf_counter(); fn(); times.append(time.perf_counter() - t)
+print(statistics.median(times))
+"""
+
+
+def scaling_time(which, folder, task, cores, repeat, new_tokens):
+    """Median seconds of `task` in a fresh process pinned to the first `cores` cores (None: all)."""
+    pin = [] if cores is None else ["taskset", "-c", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])]
+    command = [*pin, sys.executable, "-c", SCALING_CHILD, which, str(folder), task, str(repeat), str(new_tokens)]
+    out = subprocess.run(command, capture_output=True, text=True)
+    if out.returncode != 0:
+        print(out.stderr, file=sys.stderr)
+        return None
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def bench_scaling(folder: Path, label: str, repeat: int, new_tokens: int):
+    """The speedup from one core to all of them, gpt2np's and PyTorch's, each in fresh processes."""
+    import shutil
+
+    if shutil.which("taskset") is None or not hasattr(os, "sched_getaffinity"):
+        print("scaling: skipped (needs taskset and sched_getaffinity)", file=sys.stderr)
+        return
+    cores = len(os.sched_getaffinity(0))
+    has_hf = hf_model(folder)[0] is not None
+    for task, what in (("prefill", "prefill, full context"), ("decode", f"greedy decode, batch 8, {new_tokens} new")):
+        times = {}
+        for which in ("gpt2np", "transformers") if has_hf else ("gpt2np",):
+            one = scaling_time(which, folder, task, 1, repeat, new_tokens)
+            every = scaling_time(which, folder, task, None, repeat, new_tokens)
+            times[which] = (one, every)
+        speedup = {w: (o / e if o and e else None) for w, (o, e) in times.items()}
+        detail = "; ".join(f"{w}: {o:.2f} s -> {e:.2f} s" for w, (o, e) in times.items() if o and e)
+        row(
+            f"{label}: {what}, speedup 1 -> {cores} cores",
+            speedup["gpt2np"],
+            speedup.get("transformers"),
+            unit="x",
+            fmt="{:.2f}",
+            floor=f"{detail} (target: gpt2np's speedup >= PyTorch's)",
+        )
+
+
 PEAK_RSS_CHILD = """
 import sys
 which, folder = sys.argv[1], sys.argv[2]
@@ -279,6 +357,7 @@ def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
         for _ in range(new_tokens):
             step()
 
+    serial = GPT2(c, model.params, model.tokenizer, threads=1)
     ours_decode(model, 1, 8, 4)  # warm up
     if hf is not None:
         hf_decode(torch, hf, 1, 8, 4)
@@ -304,6 +383,7 @@ def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
     t = interleaved(
         {
             "ours": lambda: model(np.arange(T) % 50000 + 1),
+            "serial": lambda: serial(np.arange(T) % 50000 + 1),
             "dense": dense_products(model, T),
             "hf": hf and (lambda: hf_prefill(torch, hf, T)),
         },
@@ -318,6 +398,14 @@ def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
         hf and T / t["hf"],
         unit=" tok/s",
         floor=dense,
+    )
+    row(
+        f"{title}: prefill, {T} tokens, threads={model.threads.n} against threads=1",
+        t["serial"] / t["ours"],
+        None,
+        unit="x",
+        fmt="{:.2f}",
+        floor=f"threads=1 {t['serial']:.2f} s, threads={model.threads.n} {t['ours']:.2f} s",
     )
 
     t = interleaved(
@@ -423,19 +511,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a checkpoint folder (default: a random checkpoint of --shape)")
     parser.add_argument("--shape", default="gpt2", help="preset shape for the random checkpoint (default: gpt2)")
-    parser.add_argument("--only", choices=["tokenizer", "model"], help="run one part only")
+    parser.add_argument("--only", choices=["tokenizer", "model", "scaling"], help="run one part only")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the median is reported (default: 3)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per decode run (default: 128)")
     args = parser.parse_args(argv)
-    if args.only != "model":
+    if args.only in (None, "tokenizer"):
         bench_tokenizer(args.repeat)
     if args.only != "tokenizer":
-        if args.model:
-            bench_model(Path(args.model), Path(args.model).name, args.repeat, args.new_tokens)
-        else:
-            with tempfile.TemporaryDirectory() as tmp:
-                folder = make_checkpoint(args.shape, Path(tmp) / args.shape)
-                bench_model(folder, f"{args.shape} shape, random weights", args.repeat, args.new_tokens)
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.model:
+                folder, label = Path(args.model), Path(args.model).name
+            else:
+                folder, label = (
+                    make_checkpoint(args.shape, Path(tmp) / args.shape),
+                    f"{args.shape} shape, random weights",
+                )
+            if args.only in (None, "model"):
+                bench_model(folder, label, args.repeat, args.new_tokens)
+            if args.only in (None, "scaling"):
+                bench_scaling(folder, label, args.repeat, args.new_tokens)
     print_table(args.repeat)
 
 

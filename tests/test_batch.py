@@ -250,7 +250,7 @@ def mixed_input(path: Path, n: int = 24) -> Path:
 
 
 def test_one_and_two_workers_write_the_same_output(checkpoint, env, tmp_path):
-    """Generate (seeded) and score, in input order, byte for byte."""
+    """Generate (seeded) byte for byte, and score within float rounding, in input order."""
     generate = mixed_input(tmp_path / "in.jsonl")
     score = write_jsonl(tmp_path / "docs.jsonl", [{"id": i, "text": t} for i, t in enumerate(documents(20))])
     for task, path, extra in (("generate", generate, ["--seed", "5"]), ("score", score, ["--max-length", "48"])):
@@ -277,7 +277,14 @@ def test_one_and_two_workers_write_the_same_output(checkpoint, env, tmp_path):
             )
             assert result.returncode in (0, EXIT_LINES_FAILED), result.stderr
             outputs.append(out.read_text())
-        assert outputs[0] == outputs[1], task
+        if task == "generate":
+            assert outputs[0] == outputs[1], task
+        else:  # a process's BLAS thread count (2 cores vs 1 each) may change the last bits of a product
+            one, two = ([json.loads(line) for line in text.splitlines()] for text in outputs)
+            assert [r.keys() for r in one] == [r.keys() for r in two] and len(one) == len(two)
+            for a, b in zip(one, two):
+                for key, value in a.items():
+                    assert b[key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value), key
         ids = [json.loads(line)["id"] for line in outputs[0].splitlines()]
         input_ids = [json.loads(line)["id"] for line in path.read_text().splitlines()]
         assert ids == input_ids, "not in input order"

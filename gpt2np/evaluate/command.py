@@ -52,7 +52,12 @@ _METHOD_KEYS = ("max_length", "stride", "prepend_eot", "eos", "detokenizer", "li
 
 
 def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
-    from ..console import ArgumentParser, add_debug_argument, stop_text  # a bad flag is one line, as everywhere
+    from ..console import (
+        ArgumentParser,
+        add_debug_argument,
+        add_threads_argument,
+        stop_text,
+    )  # a bad flag is one line, as everywhere
 
     parser = ArgumentParser(
         prog=prog,
@@ -86,6 +91,7 @@ def build_parser(prog: str = "gpt2np eval") -> argparse.ArgumentParser:
     parser.add_argument("--detokenizer", choices=list(DETOKENIZERS), help="override the task's detokenizer")
     parser.add_argument("--cache-dir", help="where downloaded test files go (default: ~/.cache/gpt2np/datasets)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_threads_argument(parser)
     add_debug_argument(parser)
     summaries = parser.add_argument_group("cnn_dailymail (defaults: the GPT-2 paper's method)")
     summaries.add_argument(
@@ -109,7 +115,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "gpt2np eval") -> int
 
     def body() -> int:
         args = build_parser(prog).parse_args(argv)
-        model = load_model(args.model, revision="main", cache_dir=None, progress=not args.quiet)
+        model = load_model(args.model, revision="main", cache_dir=None, progress=not args.quiet, threads=args.threads)
         report = evaluate_task(
             model,
             args.task,

@@ -146,7 +146,7 @@ def causal_attention(q, k, v, mask, *, start=0, block=128, pool=None):  # [B, H,
     B, H, T, D = q.shape
     if T <= block and pool is None:
         return attention(q, k, v, mask)
-    out = np.empty(q.shape, dtype=q.dtype)
+    out = np.empty((B, T, H, D), dtype=q.dtype).transpose(0, 2, 1, 3)  # [B, H, T, D], stored as `mha` merges it
 
     def one(item):  # heads h, queries i..e
         h, i, e = item
@@ -177,7 +177,7 @@ def mha(x, c_attn, c_proj, *, n_head, scale, mask, kv_cache=None, start=0, pool=
         v_cache[:, :, start : start + T] = v
         k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # [B, H, S, D]
     out = causal_attention(q, k, v, mask, start=start, pool=pool)  # [B, H, T, D]
-    out = out.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge the heads back into C channels
+    out = out.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge the heads back into C channels (a copy, unless stored so)
     return linear(out, **c_proj, pool=pool)
 
 

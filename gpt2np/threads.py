@@ -77,29 +77,43 @@ class Pool:
 
     def __init__(self, n: int):
         self.n = n
-        self._executor = ThreadPoolExecutor(n - 1, thread_name_prefix="gpt2np")
+        self._start()
+
+    def _start(self) -> None:
+        self._executor = ThreadPoolExecutor(self.n - 1, thread_name_prefix="gpt2np")
+        self._pid = os.getpid()
 
     def map(self, fn, items) -> None:
         """fn(item) for every item. Each thread, the caller's included, takes the next item not yet
-        taken until none is left, so a thread that drew short items takes more of them."""
+        taken until none is left, so a thread that drew short items takes more of them. After an
+        error no item is started, the items already started are waited for, and the first error is
+        raised; after Ctrl-C no item is started."""
+        if self._pid != os.getpid():  # a forked child: the parent's worker threads are not in it
+            self._start()
         items = list(items)
         taken = itertools.count()  # next() on a count is atomic under the GIL
-        failed = []
+        failed: list[BaseException] = []
+        stop = threading.Event()
 
         def drain():
             for i in taken:
-                if i >= len(items) or failed:
+                if i >= len(items) or stop.is_set():
                     return
                 try:
                     fn(items[i])
                 except BaseException as e:
                     failed.append(e)
+                    stop.set()
                     return
 
         helpers = [self._executor.submit(drain) for _ in range(min(self.n, len(items)) - 1)]
-        drain()
-        for helper in helpers:  # every item is finished before this returns: they write into shared arrays
-            helper.result()
+        try:
+            drain()
+            for helper in helpers:  # items write into shared arrays: none may run once this returns
+                helper.result()
+        except BaseException:  # Ctrl-C: no item starts after this; the pass's arrays are abandoned
+            stop.set()
+            raise
         if failed:
             raise failed[0]
 
@@ -115,7 +129,8 @@ class Threads:
         self.n = resolve_threads(threads)
         self.min_positions = min_positions
         self.pool = Pool(self.n) if self.n > 1 else None
-        self._lock = threading.RLock() if self.pool is not None else None
+        self._lock = threading.RLock()
+        self._pid = os.getpid()
         self._blas = None  # threadpoolctl's handle on the loaded BLAS libraries, found on first use
 
     @contextlib.contextmanager
@@ -123,6 +138,8 @@ class Threads:
         if self.pool is None:  # threads=1: nothing held, no lock, BLAS as the process has it
             yield None
             return
+        if self._pid != os.getpid():  # a forked child: a lock another thread held at the fork stays held
+            self._lock, self._pid = threading.RLock(), os.getpid()
         with self._lock:
             if positions < self.min_positions:
                 yield None

@@ -1,6 +1,8 @@
 """gpt2np's thread pool (gpt2np.threads): the thread count's sources, the pool's behaviour, and the
 results of the parallel forward pass against the serial one and against transformers."""
 
+import os
+import signal
 import threading
 import time
 
@@ -200,3 +202,29 @@ def test_logits_match_transformers_on_any_thread_count(tmp_path, threads):
     error = worst_relative_error(model(ids), hf_logits(hf_reference(folder), ids))
     print(f"threads={threads}: worst relative difference against transformers {error:.2e} (tolerance {TOLERANCE:.0e})")
     assert error <= TOLERANCE
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_forked_child_runs_long_passes_on_its_own_pool(parallel):
+    """A fork copies the pool's executor but not its worker threads: the child must start its own,
+    not wait forever for threads it does not have."""
+    ids = np.random.default_rng(5).integers(0, CONFIG.vocab_size, size=(1, 300))
+    expected = parallel(ids)  # the parent's worker thread now exists
+    pid = os.fork()
+    if pid == 0:  # the child
+        code = 1
+        try:
+            code = 0 if np.array_equal(parallel(ids), expected) else 3
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung in a long pass")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0

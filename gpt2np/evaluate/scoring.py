@@ -27,7 +27,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import engine
-from ..model import lm_head
+from ..model import lm_head, parallel
 from .data import CLOZE_BLANK, DETOKENIZERS, ClozeExample, _check_detokenizer
 
 # Rows of logits computed at once: 256 x 50,257 float32 is 51 MB.
@@ -90,13 +90,19 @@ def _score_batch(model, batch) -> list[tuple[np.ndarray, np.ndarray]]:
         counts.append(len(ids) - first)
     x = engine.hidden_states(model, model.check_ids(tokens))  # [B, L, C]; right padding: causality hides it
     hidden = x[np.concatenate(rows_b), np.concatenate(rows_t)]  # [N, C]
-    log_probs, greedy = target_log_probs(hidden, model.lm_head_weight, np.concatenate(targets))
+    log_probs, greedy = model_log_probs(model, hidden, np.concatenate(targets))
     splits = np.cumsum(counts)[:-1]
     return list(zip(np.split(log_probs, splits), np.split(greedy, splits)))
 
 
+def model_log_probs(model, hidden, targets, *, alternatives=None):  # [N, C], [N] -> [N], [N]
+    """`target_log_probs` with the model's LM head, on the model's threads when there are enough rows."""
+    with model.threads.forward(len(hidden)) as pool:
+        return target_log_probs(hidden, model.lm_head_weight, targets, alternatives=alternatives, pool=pool)
+
+
 def target_log_probs(
-    hidden, wte, targets, *, rows: int = LOGIT_ROWS, alternatives=None
+    hidden, wte, targets, *, rows: int = LOGIT_ROWS, alternatives=None, pool=None
 ):  # [N, C], [V, C], [N] -> [N], [N]
     """log softmax(hidden @ wte.T)[target] for each row, and whether the target is the argmax.
 
@@ -104,10 +110,14 @@ def target_log_probs(
     exponentials in float64, so the result carries float32's logits but no accumulation error.
     `alternatives`, a pair of arrays ([N, k] ids, [N, k] float64), is filled with each row's k most
     likely tokens and their log-probs (most likely first, equal logits by id), from the same logits.
+    With a pool, the blocks of `rows` rows (smaller, so that every thread has one) run on its threads.
     """
     N = len(targets)
     log_probs, greedy = np.empty(N, dtype=np.float64), np.empty(N, dtype=bool)
-    for s in range(0, N, rows):
+    if pool is not None:
+        rows = max(1, min(rows, -(-N // pool.n)))
+
+    def block(s):  # rows s..s+rows
         logits = lm_head(hidden[s : s + rows], wte)  # [n, V]
         n, target = len(logits), targets[s : s + rows]
         rows_n = np.arange(n)
@@ -123,6 +133,8 @@ def target_log_probs(
         log_probs[s : s + n] = chosen.astype(np.float64) - top - log_sum
         if alternatives is not None:
             alternatives[1][s : s + n] -= (top + log_sum)[:, None]
+
+    parallel(pool, block, range(0, N, rows))
     return log_probs, greedy
 
 
@@ -144,7 +156,7 @@ def score_ids(model, ids: Sequence[int], *, top: int = 0) -> tuple[np.ndarray, n
     ids = model.check_ids(np.asarray(ids)[None])  # [1, n]
     x = engine.hidden_states(model, ids)[0, :-1]  # [n - 1, C]: position t predicts token t + 1
     alternatives = (np.zeros((len(x), top), dtype=np.intp), np.zeros((len(x), top), dtype=np.float64))
-    log_probs, _ = target_log_probs(x, model.lm_head_weight, ids[0, 1:], alternatives=alternatives)
+    log_probs, _ = model_log_probs(model, x, ids[0, 1:], alternatives=alternatives)
     return log_probs, *alternatives
 
 
@@ -533,8 +545,8 @@ def _score_cached(model, context_ids, targets, *, batch_size, bar) -> list[tuple
     results, done = [], 0
     for B, states in engine.continuation_states(model, context_ids, targets, batch_size=batch_size):
         batch = targets[done : done + B]
-        log_probs, greedy = target_log_probs(
-            np.concatenate(states), model.lm_head_weight, np.concatenate([np.asarray(t, dtype=np.intp) for t in batch])
+        log_probs, greedy = model_log_probs(
+            model, np.concatenate(states), np.concatenate([np.asarray(t, dtype=np.intp) for t in batch])
         )
         splits = np.cumsum([len(t) for t in batch])[:-1]
         results += zip(np.split(log_probs, splits), np.split(greedy, splits))

@@ -280,6 +280,60 @@ print(statistics.median(times))
 """
 
 
+SPLIT_CHILD = """
+import collections, json, os, statistics, sys, time
+import numpy as np
+import gpt2np.engine as E
+import gpt2np.model as M
+from gpt2np import GPT2
+folder, repeat = sys.argv[1], int(sys.argv[2])
+m = GPT2.from_pretrained(folder, threads=len(os.sched_getaffinity(0)))
+ids = np.arange(m.config.n_ctx) % 50000 + 1
+spent = collections.Counter()
+def timed(module, name, kind):
+    f = getattr(module, name)
+    def g(*a, **k):
+        t = time.perf_counter(); r = f(*a, **k); spent[kind] += time.perf_counter() - t; return r
+    setattr(module, name, g)
+timed(M, "linear", "products"); timed(M, "causal_attention", "attention"); timed(M, "norm", "layer norms")
+timed(E, "lm_head", "LM head")
+runs = collections.defaultdict(list)
+m(ids)
+for _ in range(repeat):
+    spent.clear(); t = time.perf_counter(); m(ids); total = time.perf_counter() - t
+    for kind, v in spent.items(): runs[kind].append(v)
+    runs["the rest"].append(total - sum(spent.values()))
+print(json.dumps({kind: statistics.median(v) for kind, v in runs.items()}))
+"""
+
+
+def time_split(folder, cores, repeat):
+    """Seconds of a full-context prefill by kind of work: products (with bias and GELU), attention,
+    layer norms, LM head, the rest; in a fresh process pinned to the first `cores` cores (None: all)."""
+    import json
+
+    pin = [] if cores is None else ["taskset", "-c", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])]
+    out = subprocess.run(
+        [*pin, sys.executable, "-c", SPLIT_CHILD, str(folder), str(repeat)], capture_output=True, text=True
+    )
+    if out.returncode != 0:
+        print(out.stderr, file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def predict(one: dict, every: dict, cores: int, n: int) -> float:
+    """A prediction, not a measurement: each kind of work scaled to n cores by Amdahl's law, with the
+    parallel fraction f that its measured speedup s from 1 to `cores` cores implies
+    (s = 1 / (1 - f + f / cores)); f is clipped to [0, 1]."""
+    total = 0.0
+    for kind, t1 in one.items():
+        s = t1 / every[kind]
+        f = min(1.0, max(0.0, (1 - 1 / s) / (1 - 1 / cores)))
+        total += t1 * (1 - f + f / n)
+    return total
+
+
 def scaling_time(which, folder, task, cores, repeat, new_tokens):
     """Median seconds of `task` in a fresh process pinned to the first `cores` cores (None: all)."""
     pin = [] if cores is None else ["taskset", "-c", ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:cores])]
@@ -300,12 +354,15 @@ def bench_scaling(folder: Path, label: str, repeat: int, new_tokens: int):
         return
     cores = len(os.sched_getaffinity(0))
     has_hf = hf_model(folder)[0] is not None
+    measured = {}
     for task, what in (("prefill", "prefill, full context"), ("decode", f"greedy decode, batch 8, {new_tokens} new")):
         times = {}
         for which in ("gpt2np", "transformers") if has_hf else ("gpt2np",):
-            one = scaling_time(which, folder, task, 1, repeat, new_tokens)
-            every = scaling_time(which, folder, task, None, repeat, new_tokens)
-            times[which] = (one, every)
+            times[which] = (
+                scaling_time(which, folder, task, 1, repeat, new_tokens),
+                scaling_time(which, folder, task, None, repeat, new_tokens),
+            )
+        measured[task] = times
         speedup = {w: (o / e if o and e else None) for w, (o, e) in times.items()}
         detail = "; ".join(f"{w}: {o:.2f} s -> {e:.2f} s" for w, (o, e) in times.items() if o and e)
         row(
@@ -315,6 +372,38 @@ def bench_scaling(folder: Path, label: str, repeat: int, new_tokens: int):
             unit="x",
             fmt="{:.2f}",
             floor=f"{detail} (target: gpt2np's speedup >= PyTorch's)",
+        )
+
+    one, every = time_split(folder, 1, repeat), time_split(folder, None, repeat)
+    if not (one and every):
+        return
+    for kind in one:
+        row(
+            f"{label}: prefill time split, {kind}, 1 -> {cores} cores",
+            one[kind],
+            None,
+            unit=" s",
+            fmt="{:.2f}",
+            higher_is_better=False,
+            floor=f"{every[kind]:.2f} s on {cores} cores: {one[kind] / every[kind]:.2f}x",
+        )
+    # PyTorch's prefill as one kind of work, its fraction from its own measured 1 -> `cores` speedup.
+    hf_one, hf_every = measured["prefill"].get("transformers", (None, None))
+    for n in (4, 8, 16):
+        ours = predict(one, every, cores, n)
+        theirs = predict({"all": hf_one}, {"all": hf_every}, cores, n) if hf_one and hf_every else None
+        ratio = (
+            f"; predicted prefill {ours:.2f} s, transformers {theirs:.2f} s: gpt2np at {theirs / ours:.2f}x its speed"
+            if theirs
+            else ""
+        )
+        row(
+            f"{label}: prefill at {n} cores, PREDICTED speedup over 1 core",
+            sum(one.values()) / ours,
+            hf_one / theirs if theirs else None,
+            unit="x",
+            fmt="{:.2f}",
+            floor=f"a prediction (Amdahl per kind of work, fractions from the split above){ratio}",
         )
 
 

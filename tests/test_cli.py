@@ -675,3 +675,28 @@ def test_truncation_keeps_a_suffix_of_the_prompt_that_fits(text, tiny_model):
     kept = cli.last_tokens_text(tiny_model.tokenizer, ids, 10)
     assert 0 < len(tiny_model.tokenizer.encode(kept)) <= 10
     assert text.endswith(kept)  # whole characters only: no U+FFFD from a cut inside one
+
+
+# ---------------------------------------------------------------------------------------- threads
+def test_threads_flag_runs_the_same_text(tiny_folder, tiny_model, monkeypatch, capsys):
+    expected = tiny_model.generate(PROMPT, seed=2, max_new_tokens=4) + "\n"
+    for threads in ("1", "3"):
+        argv = ["generate", PROMPT, "--model", str(tiny_folder), "--seed", "2", "--max-new-tokens", "4"]
+        assert run_in_process([*argv, "--threads", threads], monkeypatch, capsys) == (0, expected, "")
+
+
+@pytest.mark.parametrize("command", ["generate", "serve", "eval", "batch"])
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_a_bad_threads_flag_is_one_line(command, value, tiny_folder, monkeypatch, capsys):
+    argv = [command, "--model", str(tiny_folder), f"--threads={value}"]
+    if command == "batch":
+        argv += ["-", "--task", "score"]
+    status, out, err = run_in_process(argv, monkeypatch, capsys)
+    assert (status, out) == (2, "") and err.count("\n") == 1, err
+    assert err.startswith(("gpt2np: error: ", f"gpt2np {command}: error: ")) and "--threads" in err, err
+
+
+def test_a_bad_thread_variable_is_one_line_that_names_it(tiny_folder, monkeypatch, capsys):
+    monkeypatch.setenv("GPT2NP_NUM_THREADS", "all")
+    argv = ["generate", PROMPT, "--model", str(tiny_folder), "--max-new-tokens", "2"]
+    assert_one_line_error(*run_in_process(argv, monkeypatch, capsys), "GPT2NP_NUM_THREADS='all'", "unset it")

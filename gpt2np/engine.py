@@ -107,26 +107,34 @@ def copy_rows(out, cache, rows) -> None:  # [n_layer, 2, b, H, w, D] <- rows of 
 
 
 # ---------------------------------------------------------------------------------------- whole sequences
+def run(model, ids, positions, mask, *, kv_cache=None, start=0, head=None):  # [B, T] -> [B, T, C], logits
+    """One pass of the trunk (`gpt2np.model.gpt2`) in the model's threads context, which decides
+    from the pass's size whether it runs on the pool: the hidden states, and the logits of the last
+    position (`head="last"`, [B, V]) or of every position (`head="all"`, [B, T, V]) or None."""
+    B, T = ids.shape
+    with model.threads.forward(B * T) as pool:
+        x = gpt2(ids, positions, model.params, model.config, mask=mask, kv_cache=kv_cache, start=start, pool=pool)
+        if head is None:
+            return x, None
+        return x, lm_head(x[:, -1] if head == "last" else x, model.lm_head_weight, pool)
+
+
 def logits(model, ids) -> np.ndarray:  # [B, T] -> [B, T, V]
     """Logits for every position of a batch of equal-length sequences, no cache."""
-    B, L = ids.shape
-    with model.threads.forward(B * L) as pool:
-        return lm_head(_trunk(model, ids, pool), model.lm_head_weight, pool)
+    return _whole(model, ids, head="all")[1]
 
 
 def hidden_states(model, ids) -> np.ndarray:  # [B, L] -> [B, L, C]
     """The trunk's output for every position, no cache. Rows may be right-padded: attention is
     causal, so a real position never sees the padding after it."""
-    B, L = ids.shape
-    with model.threads.forward(B * L) as pool:
-        return _trunk(model, ids, pool)
+    return _whole(model, ids)[0]
 
 
-def _trunk(model, ids, pool):  # [B, L] -> [B, L, C]
+def _whole(model, ids, head=None):  # [B, L] -> [B, L, C], logits
     B, L = ids.shape
-    positions = np.broadcast_to(np.arange(L), (B, L))
-    mask = causal_mask(np.ones((B, L), dtype=bool), 0, L)
-    return gpt2(ids, positions, model.params, model.config, mask=mask, pool=pool)
+    return run(
+        model, ids, np.broadcast_to(np.arange(L), (B, L)), causal_mask(np.ones((B, L), dtype=bool), 0, L), head=head
+    )
 
 
 def continuation_states(
@@ -145,17 +153,10 @@ def continuation_states(
     S = P + max(len(t) for t in targets) - 1  # a target's last token is predicted, never read
     rows = min(batch_size, len(targets))
     cache = new_cache(config, rows, S)
-    with model.threads.forward(P) as pool:
-        x = gpt2(
-            np.asarray(context, dtype=np.intp)[None],
-            np.arange(P)[None],
-            model.params,
-            config,
-            mask=causal_mask(np.ones((1, P), dtype=bool), 0, P),
-            kv_cache=cache[:, :, :1],
-            start=0,
-            pool=pool,
-        )
+    context_ids = np.asarray(context, dtype=np.intp)[None]
+    x, _ = run(
+        model, context_ids, np.arange(P)[None], causal_mask(np.ones((1, P), dtype=bool), 0, P), kv_cache=cache[:, :, :1]
+    )
     last = x[0, -1]  # [C]: predicts every target's first token
     cache[:, :, 1:, :, :P] = cache[:, :, :1, :, :P]  # the context's keys and values in every row
     for s in range(0, len(targets), rows):
@@ -167,10 +168,7 @@ def continuation_states(
                 tokens[b, : len(t) - 1] = t[:-1]
             positions = np.broadcast_to(np.arange(P, P + T), (B, T))
             mask = causal_mask(np.ones((B, P + T), dtype=bool), P, T)
-            with model.threads.forward(B * T) as pool:
-                y = gpt2(
-                    tokens, positions, model.params, config, mask=mask, kv_cache=cache[:, :, :B], start=P, pool=pool
-                )
+            y, _ = run(model, tokens, positions, mask, kv_cache=cache[:, :, :B], start=P)
         yield (
             B,
             [
@@ -380,19 +378,7 @@ class Engine:
         s.valid[:, start] = True
         valid = s.valid[:, : start + 1]
         mask = None if valid.all() else causal_mask(valid, start, 1)  # padding to hide?
-        model = self.model
-        with model.threads.forward(len(tokens)) as pool:
-            x = gpt2(
-                tokens,
-                s.positions[:, None],
-                model.params,
-                model.config,
-                mask=mask,
-                kv_cache=s.cache,
-                start=start,
-                pool=pool,
-            )  # [B, 1, C]
-            s.logits = lm_head(x[:, -1], model.lm_head_weight, pool)  # [B, V]
+        _, s.logits = run(self.model, tokens, s.positions[:, None], mask, kv_cache=s.cache, start=start, head="last")
         s.positions += 1
         self.end += 1
 
@@ -404,18 +390,7 @@ class Engine:
         ids, valid, positions = left_pad([r.ids for r in rows])  # [b, L] each
         L = ids.shape[1]
         cache = new_cache(model.config, len(rows), L + room)
-        with model.threads.forward(ids.size) as pool:
-            x = gpt2(
-                ids,
-                positions,
-                model.params,
-                model.config,
-                mask=causal_mask(valid, 0, L),
-                kv_cache=cache,
-                start=0,
-                pool=pool,
-            )
-            logits = lm_head(x[:, -1], model.lm_head_weight, pool)  # [b, V]: only the last position is needed
+        _, logits = run(model, ids, positions, causal_mask(valid, 0, L), kv_cache=cache, head="last")  # [b, V]
         valid = np.concatenate([valid, np.zeros((len(rows), room), dtype=bool)], axis=1)
         return _Part(rows, cache, np.arange(len(rows)), valid, positions[:, -1] + 1, logits)
 
@@ -472,18 +447,8 @@ class _Prefill:
         b, L = self.ids.shape
         s, e = self.done, min(L, self.done + max(1, budget // b))
         mask = causal_mask(self.valid[:, :e], s, e - s)
-        with model.threads.forward(b * (e - s)) as pool:
-            x = gpt2(
-                self.ids[:, s:e],
-                self.positions[:, s:e],
-                model.params,
-                model.config,
-                mask=mask,
-                kv_cache=self.cache,
-                start=s,
-                pool=pool,
-            )
-            logits = lm_head(x[:, -1], model.lm_head_weight, pool) if e == L else None  # [b, V]
+        head = "last" if e == L else None  # the logits once the last column is in
+        _, logits = run(model, self.ids[:, s:e], self.positions[:, s:e], mask, kv_cache=self.cache, start=s, head=head)
         self.done = e
         if e < L:
             return None

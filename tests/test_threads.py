@@ -228,3 +228,32 @@ def test_a_forked_child_runs_long_passes_on_its_own_pool(parallel):
             pytest.fail("the forked child hung in a long pass")
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+def test_ctrl_c_in_a_long_pass_stops_it_and_leaves_the_model_whole():
+    pytest.importorskip("threadpoolctl")
+    model = GPT2.from_random(GPT2Config(n_layer=6, n_head=4, n_embd=256, n_ctx=1024, vocab_size=2000), threads=2)
+    model.threads.min_positions = MIN_POSITIONS
+    ids = np.arange(1024) % 2000
+    expected, before = model(ids), blas_threads()
+
+    def interrupt(*_):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    interrupted = 0
+    try:
+        for delay in (0.002, 0.01, 0.03):
+            signal.setitimer(signal.ITIMER_REAL, delay)
+            try:
+                model(ids)
+            except KeyboardInterrupt:
+                interrupted += 1
+            finally:
+                signal.setitimer(signal.ITIMER_REAL, 0)
+            assert blas_threads() == before
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    assert interrupted >= 1
+    assert np.array_equal(model(ids), expected)

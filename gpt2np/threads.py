@@ -147,6 +147,12 @@ class Threads:
             with self._blas_controller().limit(limits=1):
                 yield self.pool
 
+    def __getstate__(self):  # a pickled model (sent to another process) takes its settings, not its threads
+        return {"n": self.n, "min_positions": self.min_positions}
+
+    def __setstate__(self, state):
+        self.__init__(state["n"], min_positions=state["min_positions"])
+
     def _blas_controller(self):
         if self._blas is None:
             from threadpoolctl import ThreadpoolController

@@ -257,3 +257,13 @@ def test_ctrl_c_in_a_long_pass_stops_it_and_leaves_the_model_whole():
         signal.signal(signal.SIGALRM, previous)
     assert interrupted >= 1
     assert np.array_equal(model(ids), expected)
+
+
+def test_a_model_pickles_with_its_thread_settings_and_gets_threads_of_its_own(parallel):
+    import pickle
+
+    ids = np.random.default_rng(6).integers(0, CONFIG.vocab_size, size=(1, 300))
+    copy = pickle.loads(pickle.dumps(parallel))
+    assert (copy.threads.n, copy.threads.min_positions) == (2, MIN_POSITIONS)
+    assert copy.threads.pool is not parallel.threads.pool
+    assert np.array_equal(copy(ids), parallel(ids))

@@ -385,20 +385,11 @@ exit status:
 
 
 def make_job(args, model_folder: str) -> Job:
+    from .cli import option_kwargs
     from .console import UsageError
     from .request import RequestError, check_params
 
-    defaults = dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        stop=args.stop,
-        ignore_eos=args.ignore_eos,
-        return_full_text=False,
-    )
+    defaults = dict(option_kwargs(args), return_full_text=False)
     try:
         check_params({}, defaults=defaults)
     except RequestError as e:

@@ -329,8 +329,8 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError("--temperature must be > 0 when sampling; for deterministic text use --greedy")
 
 
-def generation_kwargs(args: argparse.Namespace) -> dict:
-    """The keyword arguments of GPT2.generate, as the flags set them."""
+def option_kwargs(args: argparse.Namespace) -> dict:
+    """The generation options (GenerationOptions' fields) as `add_generation_arguments`' flags set them."""
     return dict(
         max_new_tokens=args.max_new_tokens,
         do_sample=args.do_sample,
@@ -339,10 +339,13 @@ def generation_kwargs(args: argparse.Namespace) -> dict:
         top_k=args.top_k,
         repetition_penalty=args.repetition_penalty,
         stop=args.stop,
-        seed=args.seed,
         ignore_eos=args.ignore_eos,
-        return_full_text=not args.no_full_text,
     )
+
+
+def generation_kwargs(args: argparse.Namespace) -> dict:
+    """The keyword arguments of GPT2.generate, as the flags set them."""
+    return dict(option_kwargs(args), seed=args.seed, return_full_text=not args.no_full_text)
 
 
 def flags_request(args: argparse.Namespace):

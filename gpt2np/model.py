@@ -25,6 +25,12 @@ the formula, the docstring names the reference function to read.
 
 Everything stays float32: NumPy keeps float32 when an array meets a Python float, and every
 constant below is applied to float32 arrays.
+
+Threads: the steps of a long pass take a `pool` (gpt2np.threads, handed down by the engine) and
+split their work over it with `parallel`, the one helper that knows about threads: a product by
+bands of output columns, attention by (head group, query block), layer norm by positions. With
+`pool=None` each step is one call, as written. A thread does the serial code's arithmetic on its
+part, except that BLAS may round a product differently once it is cut (about 1e-7 relative).
 """
 
 from __future__ import annotations
@@ -38,6 +44,29 @@ import numpy as np
 MASKED = np.finfo(np.float32).min
 
 _GELU_A = -2 * math.sqrt(2 / math.pi)  # the factor of -2u in `gelu`
+
+
+def parallel(pool, fn, items):
+    """Call fn(item) for each item: in order on this thread when `pool` is None, else spread over
+    the pool's threads (`gpt2np.threads.Pool`). The one place the model splits work over threads.
+    Each item writes only its own part of an output allocated beforehand, and does the arithmetic
+    the serial code does on that part, so no two threads touch the same numbers."""
+    if pool is None:
+        for item in items:
+            fn(item)
+    else:
+        pool.map(fn, items)
+
+
+def pieces(n, pool, *, multiple=1):  # -> list of slices covering range(n)
+    """range(n) whole when `pool` is None, else cut into one near-equal piece per thread, each cut
+    at a multiple of `multiple` (the product kernels' column widths divide 64)."""
+    if pool is None:
+        return [slice(0, n)]
+    units = -(-n // multiple)
+    parts = min(pool.n, units)
+    cuts = [min(n, (units * i // parts) * multiple) for i in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
 
 
 def gelu(x, out=None):  # [..., F] -> [..., F]
@@ -87,29 +116,6 @@ def linear(x, weight, bias, *, activation=None, pool=None):  # [..., in] @ [in, 
 
     parallel(pool, columns, pieces(y.shape[1], pool, multiple=64))
     return y.reshape(*x.shape[:-1], y.shape[1])
-
-
-def parallel(pool, fn, items):
-    """Call fn(item) for each item: in order on this thread when `pool` is None, else spread over
-    the pool's threads (`gpt2np.threads.Pool`). The one place the model splits work over threads.
-    Each item writes only its own part of an output allocated beforehand, and does the arithmetic
-    the serial code does on that part, so no two threads touch the same numbers."""
-    if pool is None:
-        for item in items:
-            fn(item)
-    else:
-        pool.map(fn, items)
-
-
-def pieces(n, pool, *, multiple=1):  # -> list of slices covering range(n)
-    """range(n) whole when `pool` is None, else cut into one near-equal piece per thread, each cut
-    at a multiple of `multiple` (the product kernels' column widths divide 64)."""
-    if pool is None:
-        return [slice(0, n)]
-    units = -(-n // multiple)
-    parts = min(pool.n, units)
-    cuts = [min(n, (units * i // parts) * multiple) for i in range(parts + 1)]
-    return [slice(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
 
 
 def softmax(x):  # [..., S] -> [..., S]

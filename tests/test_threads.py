@@ -267,3 +267,17 @@ def test_a_model_pickles_with_its_thread_settings_and_gets_threads_of_its_own(pa
     assert (copy.threads.n, copy.threads.min_positions) == (2, MIN_POSITIONS)
     assert copy.threads.pool is not parallel.threads.pool
     assert np.array_equal(copy(ids), parallel(ids))
+
+
+@pytest.mark.parametrize("n, threads, multiple", [(50257, 2, 64), (768, 3, 64), (100, 2, 1), (5, 8, 1), (64, 4, 64)])
+def test_pieces_cover_the_range_once_cut_at_multiples(n, threads, multiple):
+    from gpt2np.model import pieces
+
+    assert pieces(n, None, multiple=multiple) == [slice(0, n)]
+    cut = pieces(n, Pool(threads), multiple=multiple)
+    assert cut[0].start == 0 and cut[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(cut, cut[1:]))
+    assert all(p.start % multiple == 0 and p.stop > p.start for p in cut)
+    assert len(cut) == min(threads, -(-n // multiple))
+    sizes = [p.stop - p.start for p in cut[:-1]]
+    assert max(sizes, default=0) - min(sizes, default=0) <= multiple  # near-equal

@@ -281,3 +281,20 @@ def test_pieces_cover_the_range_once_cut_at_multiples(n, threads, multiple):
     assert len(cut) == min(threads, -(-n // multiple))
     sizes = [p.stop - p.start for p in cut[:-1]]
     assert max(sizes, default=0) - min(sizes, default=0) <= multiple  # near-equal
+
+
+def test_one_thread_never_touches_blas():
+    """threads=1 is the serial code as it was: no pool, no lock, threadpoolctl not even imported."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, numpy as np\n"
+        "from gpt2np import GPT2, GPT2Config\n"
+        "m = GPT2.from_random(GPT2Config(n_layer=1, n_head=2, n_embd=768, n_ctx=512, vocab_size=100), threads=1)\n"
+        "m(np.arange(400) % 100)\n"
+        "print('threadpoolctl' in sys.modules, m.threads.pool)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "None"]

@@ -21,12 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
+from checkpoints import TINY
 
 from gpt2np import GPT2
 from gpt2np.batch import EXIT_LINES_FAILED, run_batch
 from gpt2np.batchwork import Job, Worker
 from gpt2np.checkpoint import random_state_dict, save_checkpoint
-from gpt2np.config import GPT2Config
 from gpt2np.evaluate import perplexity
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,8 +47,7 @@ PROMPTS = [
 
 def tiny_checkpoint(folder: Path) -> Path:
     """Tiny dims, GPT-2's full vocabulary and tokenizer."""
-    config = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
-    save_checkpoint(folder, config, random_state_dict(config, seed=0))
+    save_checkpoint(folder, TINY, random_state_dict(TINY, seed=0))
     return folder
 
 

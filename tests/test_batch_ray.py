@@ -16,27 +16,14 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from test_batch import batch, documents, mixed_input, subprocess_env, tiny_checkpoint, write_jsonl  # noqa: E402 (after importorskip)
+import test_batch  # noqa: E402
+from test_batch import batch, documents, mixed_input, write_jsonl  # noqa: E402
 
-from gpt2np import GPT2  # noqa: E402
+checkpoint, model, env = test_batch.checkpoint, test_batch.model, test_batch.env  # its module-scoped fixtures
+
 from gpt2np.batch import chunked, read_lines, run_batch  # noqa: E402
 from gpt2np.batchray import RayWorker, ray_results  # noqa: E402
 from gpt2np.batchwork import Job  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def model(checkpoint) -> GPT2:
-    return GPT2.from_pretrained(checkpoint)
-
-
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict:
-    return subprocess_env(tmp_path_factory.mktemp("empty_cache"))
 
 
 @pytest.fixture(scope="module")

@@ -106,15 +106,21 @@ def linear(x, weight, bias, *, activation=None, pool=None):  # [..., in] @ [in, 
     run B separate products, reading it B times). With a pool, each thread computes its own band
     of output columns, the activation included while the band is still in cache."""
     x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-    y = np.empty((x2.shape[0], weight.shape[-1]), dtype=np.float32)  # [N, out]
-
-    def columns(j):
-        np.matmul(x2, weight[:, j], out=y[:, j])
-        y[:, j] += bias[j]
+    if pool is None:  # one call each, as written (a decoding step makes 49 of these: no closures)
+        y = x2 @ weight
+        y += bias
         if activation is not None:
-            activation(y[:, j], out=y[:, j])
+            activation(y, out=y)
+    else:
+        y = np.empty((x2.shape[0], weight.shape[-1]), dtype=np.float32)  # [N, out]
 
-    parallel(pool, columns, pieces(y.shape[1], pool, multiple=64))
+        def columns(j):  # the same three steps on a band of columns
+            np.matmul(x2, weight[:, j], out=y[:, j])
+            y[:, j] += bias[j]
+            if activation is not None:
+                activation(y[:, j], out=y[:, j])
+
+        parallel(pool, columns, pieces(y.shape[1], pool, multiple=64))
     return y.reshape(*x.shape[:-1], y.shape[1])
 
 
@@ -194,6 +200,8 @@ def ffn(x, c_fc, c_proj, pool=None):  # [B, T, C] -> [B, T, C]
 
 def norm(x, p, eps, pool):  # [B, T, C] -> [B, T, C]
     """`layer_norm` into a new array, with a pool one band of positions per thread."""
+    if pool is None:
+        return layer_norm(x, **p, eps=eps)
     x2, out = x.reshape(-1, x.shape[-1]), np.empty(x.shape, dtype=np.float32)
     out2 = out.reshape(x2.shape)
     parallel(pool, lambda r: layer_norm(x2[r], **p, eps=eps, out=out2[r]), pieces(len(x2), pool))

@@ -298,3 +298,16 @@ def test_one_thread_never_touches_blas():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["False", "None"]
+
+
+def test_many_more_threads_than_cores_still_give_the_same_numbers(serial):
+    """threads is not capped at the cores: 64 threads on a small machine split the work into up to
+    64 parts, each computed as with any other count of parts, within the same rounding."""
+    model = GPT2(CONFIG, serial.params, serial.tokenizer, threads=64)
+    model.threads.min_positions = MIN_POSITIONS
+    ids = np.random.default_rng(7).integers(0, CONFIG.vocab_size, size=(2, 300))
+    many, one = model(ids), serial(ids)
+    error = worst_relative_error(many, one)
+    print(f"threads=64 vs threads=1: worst relative difference {error:.2e}")
+    assert error <= TOLERANCE and np.array_equal(model(ids), many)
+    model.threads.close()

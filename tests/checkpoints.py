@@ -17,8 +17,8 @@ from safetensors.numpy import save_file
 from gpt2np import GPT2Config
 from gpt2np.checkpoint import random_state_dict
 
-# The shared tiny checkpoint's shape (tests/conftest.py's `tiny_folder`): GPT-2's whole vocabulary.
-TINY = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
+# The shared toy checkpoint's shape (random weights) (tests/conftest.py's `toy_folder`): GPT-2's whole vocabulary.
+TOY = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
 
 
 def write_checkpoint(

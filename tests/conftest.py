@@ -1,7 +1,8 @@
 """Fixtures shared by the test files, each written once per session.
 
-- `tiny_folder` / `tiny_model`: a 2-layer, 32-wide random checkpoint with GPT-2's whole vocabulary
-  (so text round-trips) and a 128-token context, for the command line and the server.
+- `toy_folder` / `toy_model`: a 2-layer, 32-wide random checkpoint with GPT-2's whole vocabulary
+  (so text round-trips) and a 128-token context, for the command line and the server, where only
+  shapes and plumbing matter. (`tiny` is the small trained model in the package: tests/test_tiny.py.)
 - `gpt2_folder` / `gpt2_pair`: a random checkpoint of the full gpt2 shape (124M) in transformers'
   layout, and (gpt2np's model, transformers' GPT2LMHeadModel) loaded from it, for the parity tests
   that need the real shape. Writing it costs a few seconds and 500 MB of disk, so once a session.
@@ -13,22 +14,22 @@ import path, so no test file patches sys.path.
 from __future__ import annotations
 
 import pytest
-from checkpoints import TINY, hf_reference, write_checkpoint
+from checkpoints import TOY, hf_reference, write_checkpoint
 
 from gpt2np import GPT2, GPT2Config
 from gpt2np.checkpoint import random_state_dict, save_checkpoint
 
 
 @pytest.fixture(scope="session")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    save_checkpoint(folder, TINY, random_state_dict(TINY, seed=0))
+def toy_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("toy")
+    save_checkpoint(folder, TOY, random_state_dict(TOY, seed=0))
     return folder
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_folder) -> GPT2:
-    return GPT2.from_pretrained(tiny_folder)
+def toy_model(toy_folder) -> GPT2:
+    return GPT2.from_pretrained(toy_folder)
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
-from checkpoints import TINY
+from checkpoints import TOY
 
 from gpt2np import GPT2
 from gpt2np.batch import EXIT_LINES_FAILED, run_batch
@@ -45,9 +45,9 @@ PROMPTS = [
 ]
 
 
-def tiny_checkpoint(folder: Path) -> Path:
+def toy_checkpoint(folder: Path) -> Path:
     """Tiny dims, GPT-2's full vocabulary and tokenizer."""
-    save_checkpoint(folder, TINY, random_state_dict(TINY, seed=0))
+    save_checkpoint(folder, TOY, random_state_dict(TOY, seed=0))
     return folder
 
 
@@ -66,7 +66,7 @@ def subprocess_env(cache: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> Path:
-    return tiny_checkpoint(tmp_path_factory.mktemp("tiny"))
+    return toy_checkpoint(tmp_path_factory.mktemp("toy"))
 
 
 @pytest.fixture(scope="module")

@@ -88,35 +88,35 @@ def assert_one_line_error(status, out, err, *needles):
 
 
 # ---------------------------------------------------------------------------------------- generate
-def test_prompt_argument_prints_the_prompt_and_its_continuation(tiny_folder, tiny_model, env):
-    result = run(["--model", str(tiny_folder), PROMPT, "--seed", "0", "--max-new-tokens", "10"], env)
+def test_prompt_argument_prints_the_prompt_and_its_continuation(toy_folder, toy_model, env):
+    result = run(["--model", str(toy_folder), PROMPT, "--seed", "0", "--max-new-tokens", "10"], env)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
-    expected = tiny_model.generate(PROMPT, seed=0, max_new_tokens=10)
+    expected = toy_model.generate(PROMPT, seed=0, max_new_tokens=10)
     assert expected.startswith(PROMPT) and len(expected) > len(PROMPT)
     assert result.stdout == expected + "\n"
 
 
-def test_python_m_gpt2np_runs_generate_with_or_without_the_command(tiny_folder, tiny_model, env, monkeypatch, capsys):
-    expected = tiny_model.generate(PROMPT, seed=3, max_new_tokens=4) + "\n"
-    result = run([PROMPT, "--model", str(tiny_folder), "--seed", "3", "--max-new-tokens", "4"], env, module=True)
+def test_python_m_gpt2np_runs_generate_with_or_without_the_command(toy_folder, toy_model, env, monkeypatch, capsys):
+    expected = toy_model.generate(PROMPT, seed=3, max_new_tokens=4) + "\n"
+    result = run([PROMPT, "--model", str(toy_folder), "--seed", "3", "--max-new-tokens", "4"], env, module=True)
     assert (result.returncode, result.stdout, result.stderr) == (0, expected, "")
-    argv = ["generate", PROMPT, "--model", str(tiny_folder), "--seed", "3", "--max-new-tokens", "4"]
+    argv = ["generate", PROMPT, "--model", str(toy_folder), "--seed", "3", "--max-new-tokens", "4"]
     assert run_in_process(argv, monkeypatch, capsys) == (0, expected, "")
 
 
-def test_prompt_from_stdin_when_absent_or_dash(tiny_folder, tiny_model, env, monkeypatch, capsys):
-    expected = tiny_model.generate(PROMPT, seed=1, max_new_tokens=4) + "\n"
-    options = ["--model", str(tiny_folder), "--seed", "1", "--max-new-tokens", "4"]
+def test_prompt_from_stdin_when_absent_or_dash(toy_folder, toy_model, env, monkeypatch, capsys):
+    expected = toy_model.generate(PROMPT, seed=1, max_new_tokens=4) + "\n"
+    options = ["--model", str(toy_folder), "--seed", "1", "--max-new-tokens", "4"]
     result = run(options, env, stdin=PROMPT + "\n")
     assert (result.returncode, result.stdout, result.stderr) == (0, expected, "")
     assert run_in_process(["-", *options], monkeypatch, capsys, stdin=PROMPT + "\n") == (0, expected, "")
 
 
-def test_every_sampling_flag_reaches_generate(tiny_folder, tiny_model, env):
+def test_every_sampling_flag_reaches_generate(toy_folder, toy_model, env):
     argv = [
         "--model",
-        str(tiny_folder),
+        str(toy_folder),
         PROMPT,
         "--seed",
         "7",
@@ -139,7 +139,7 @@ def test_every_sampling_flag_reaches_generate(tiny_folder, tiny_model, env):
     ]
     result = run(argv, env)
     assert result.returncode == 0, result.stderr
-    expected = tiny_model.generate(
+    expected = toy_model.generate(
         PROMPT,
         seed=7,
         max_new_tokens=15,
@@ -154,74 +154,74 @@ def test_every_sampling_flag_reaches_generate(tiny_folder, tiny_model, env):
     assert result.stdout == expected + "\n"
 
 
-def test_greedy_is_do_sample_off_and_ignores_temperature(tiny_folder, tiny_model, monkeypatch, capsys):
-    argv = ["--model", str(tiny_folder), PROMPT, "--greedy", "--temperature", "0", "--max-new-tokens", "12"]
-    expected = tiny_model.generate(PROMPT, do_sample=False, max_new_tokens=12) + "\n"
+def test_greedy_is_do_sample_off_and_ignores_temperature(toy_folder, toy_model, monkeypatch, capsys):
+    argv = ["--model", str(toy_folder), PROMPT, "--greedy", "--temperature", "0", "--max-new-tokens", "12"]
+    expected = toy_model.generate(PROMPT, do_sample=False, max_new_tokens=12) + "\n"
     assert run_in_process(argv, monkeypatch, capsys) == (0, expected, "")
 
 
 @pytest.mark.parametrize("flag", ["--temperature", "--repetition-penalty"])
-def test_values_at_the_edge_of_float32_generate(flag, tiny_folder, tiny_model, monkeypatch, capsys):
+def test_values_at_the_edge_of_float32_generate(flag, toy_folder, toy_model, monkeypatch, capsys):
     """1e-300 once gave an empty text (temperature) or an "internal error" (IndexError, repetition penalty)."""
-    argv = ["--model", str(tiny_folder), PROMPT, flag, "1e-300", "--max-new-tokens", "6", "--seed", "0", "--ignore-eos"]
+    argv = ["--model", str(toy_folder), PROMPT, flag, "1e-300", "--max-new-tokens", "6", "--seed", "0", "--ignore-eos"]
     option = {flag[2:].replace("-", "_"): 1e-300}
-    expected = tiny_model.generate(PROMPT, max_new_tokens=6, seed=0, ignore_eos=True, **option)
+    expected = toy_model.generate(PROMPT, max_new_tokens=6, seed=0, ignore_eos=True, **option)
     assert run_in_process(argv, monkeypatch, capsys) == (0, expected + "\n", "")
     assert len(expected) > len(PROMPT)
 
 
-def test_stream_prints_the_same_samples_as_no_stream(tiny_folder, tiny_model, env):
-    argv = ["--model", str(tiny_folder), PROMPT, "--seed", "5", "--max-new-tokens", "16", "--num-samples", "2"]
+def test_stream_prints_the_same_samples_as_no_stream(toy_folder, toy_model, env):
+    argv = ["--model", str(toy_folder), PROMPT, "--seed", "5", "--max-new-tokens", "16", "--num-samples", "2"]
     streamed, printed = run([*argv, "--stream"], env), run([*argv, "--no-stream"], env)
     assert streamed.returncode == printed.returncode == 0, (streamed.stderr, printed.stderr)
-    first, second = tiny_model.generate([PROMPT, PROMPT], seed=5, max_new_tokens=16)
+    first, second = toy_model.generate([PROMPT, PROMPT], seed=5, max_new_tokens=16)
     assert first != second
     assert printed.stdout == f"=== sample 1 of 2 ===\n{first}\n=== sample 2 of 2 ===\n{second}\n"
     assert streamed.stdout == printed.stdout
 
 
-def test_truncate_prompt_keeps_the_last_tokens_that_fit(tiny_folder, tiny_model, env, monkeypatch, capsys):
+def test_truncate_prompt_keeps_the_last_tokens_that_fit(toy_folder, toy_model, env, monkeypatch, capsys):
     prompt = "one" + " word" * 200  # 201 tokens: "one", then " word" 200 times
-    argv = ["--model", str(tiny_folder), prompt, "--truncate-prompt", "--max-new-tokens", "10", "--seed", "0"]
+    argv = ["--model", str(toy_folder), prompt, "--truncate-prompt", "--max-new-tokens", "10", "--seed", "0"]
     result = run(argv, env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == tiny_model.generate(" word" * 118, seed=0, max_new_tokens=10) + "\n"  # 128 - 10 tokens kept
+    assert result.stdout == toy_model.generate(" word" * 118, seed=0, max_new_tokens=10) + "\n"  # 128 - 10 tokens kept
     assert result.stderr == (
         "generate.py: note: the prompt is too long: kept its last 118 tokens, so that "
         "--max-new-tokens 10 fits the 128-token context\n"
     )
-    argv = ["--model", str(tiny_folder), prompt, "--truncate-prompt", "--max-new-tokens", "3", "--quiet"]
+    argv = ["--model", str(toy_folder), prompt, "--truncate-prompt", "--max-new-tokens", "3", "--quiet"]
     status, _, err = run_in_process(argv, monkeypatch, capsys)
     assert (status, err) == (0, "")
 
 
 # ---------------------------------------------------------------------------------------- JSON requests
-def test_json_request_of_the_model_card(tiny_folder, tiny_model, env, tmp_path):
+def test_json_request_of_the_model_card(toy_folder, toy_model, env, tmp_path):
     request = tmp_path / "request.json"
     request.write_text(json.dumps(MODEL_CARD_REQUEST, indent=4))
-    result = run(["--model", str(tiny_folder), "--json", str(request), "--seed", "0"], env)
+    result = run(["--model", str(toy_folder), "--json", str(request), "--seed", "0"], env)
     assert result.returncode == 0, result.stderr
     answer = json.loads(result.stdout)
-    assert answer == tiny_model.generate(MODEL_CARD_REQUEST["input_data"], seed=0, **MODEL_CARD_REQUEST["params"])
+    assert answer == toy_model.generate(MODEL_CARD_REQUEST["input_data"], seed=0, **MODEL_CARD_REQUEST["params"])
     assert len(answer) == 1 and answer[0].startswith(PROMPT)
 
 
-def test_json_request_on_stdin_in_azure_ml_shape(tiny_folder, tiny_model, env):
+def test_json_request_on_stdin_in_azure_ml_shape(toy_folder, toy_model, env):
     prompts = ["Once upon a time,", "My name is John and I am"]
     params = {"max_new_tokens": 12, "do_sample": False, "return_full_text": False, "stop": ["\n"]}
     request = {"input_data": {"input_string": prompts, "parameters": params}}
-    result = run(["--model", str(tiny_folder), "--json", "-"], env, stdin=json.dumps(request))
+    result = run(["--model", str(toy_folder), "--json", "-"], env, stdin=json.dumps(request))
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == tiny_model.generate(prompts, **params)
+    assert json.loads(result.stdout) == toy_model.generate(prompts, **params)
 
 
-def test_json_params_override_flags_and_num_samples_repeats_each_prompt(tiny_folder, tiny_model, tmp_path, capsys):
+def test_json_params_override_flags_and_num_samples_repeats_each_prompt(toy_folder, toy_model, tmp_path, capsys):
     request = tmp_path / "request.json"
     request.write_text(json.dumps({"input_data": ["a", "b"], "params": {"max_new_tokens": 4, "seed": 2}}))
     status = cli.main(
         [
             "--model",
-            str(tiny_folder),
+            str(toy_folder),
             "--json",
             str(request),
             "--max-new-tokens",
@@ -235,7 +235,7 @@ def test_json_params_override_flags_and_num_samples_repeats_each_prompt(tiny_fol
     )
     out = capsys.readouterr().out
     assert status == 0
-    assert json.loads(out) == tiny_model.generate(["a", "a", "b", "b"], max_new_tokens=4, seed=2)
+    assert json.loads(out) == toy_model.generate(["a", "a", "b", "b"], max_new_tokens=4, seed=2)
 
 
 @pytest.mark.parametrize(
@@ -295,8 +295,8 @@ def test_malformed_json_requests_are_one_line_errors(request_text, needles, monk
         ),
     ],
 )
-def test_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, tiny_folder, env, tmp_path):
-    argv = ["--model", str(tiny_folder), *argv] if "--model" not in argv else argv
+def test_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, toy_folder, env, tmp_path):
+    argv = ["--model", str(toy_folder), *argv] if "--model" not in argv else argv
     assert_usage_error(run(argv, env, stdin=stdin, cwd=tmp_path), *needles)
 
 
@@ -338,15 +338,15 @@ def test_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, tiny_fold
         ),
     ],
 )
-def test_more_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, tiny_folder, monkeypatch, capsys):
-    result = run_in_process(["--model", str(tiny_folder), *argv], monkeypatch, capsys, stdin=stdin)
+def test_more_bad_input_is_one_line_and_exit_status_2(argv, stdin, needles, toy_folder, monkeypatch, capsys):
+    result = run_in_process(["--model", str(toy_folder), *argv], monkeypatch, capsys, stdin=stdin)
     assert_one_line_error(*result, *needles)
 
 
 @pytest.mark.parametrize("n", [128, 150])
-def test_a_prompt_that_fills_the_context_is_told_to_shorten(n, tiny_folder, monkeypatch, capsys):
+def test_a_prompt_that_fills_the_context_is_told_to_shorten(n, toy_folder, monkeypatch, capsys):
     """Not to lower --max-new-tokens to 0 or below: no number of new tokens would make it fit."""
-    status, out, err = run_in_process(["--model", str(tiny_folder), " a" * n], monkeypatch, capsys)
+    status, out, err = run_in_process(["--model", str(toy_folder), " a" * n], monkeypatch, capsys)
     assert_one_line_error(
         status,
         out,
@@ -365,20 +365,20 @@ def test_debug_shows_the_traceback(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("argv", [[], ["--json", "-"]])
-def test_stdin_that_is_not_utf8_is_one_line(argv, tiny_folder, env):
+def test_stdin_that_is_not_utf8_is_one_line(argv, toy_folder, env):
     """Under a UTF-8 locale Python reads stdin with surrogate escapes: the bytes were once taken as a
     prompt and echoed back."""
     stdin = b"ab\xff\xfe" if not argv else b'{"input_data": ["\xff"]}'
     utf8_locale = {k: v for k, v in env.items() if k != "PYTHONIOENCODING"} | {"LC_ALL": "C.UTF-8"}
-    result = run(["--model", str(tiny_folder), *argv], utf8_locale, stdin=stdin)
+    result = run(["--model", str(toy_folder), *argv], utf8_locale, stdin=stdin)
     assert_usage_error(result, "on stdin is not text in the utf-8 encoding (invalid start byte); pass UTF-8 text")
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
-def test_no_prompt_and_stdin_a_terminal(tiny_folder, env):
+def test_no_prompt_and_stdin_a_terminal(toy_folder, env):
     controller, terminal = os.openpty()
     try:
-        result = run(["--model", str(tiny_folder)], env, stdin=terminal)
+        result = run(["--model", str(toy_folder)], env, stdin=terminal)
     finally:
         os.close(controller)
         os.close(terminal)
@@ -433,11 +433,11 @@ def test_ctrl_c_exits_130_and_keeps_what_was_printed(tmp_path, env):
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
 @pytest.mark.parametrize("flags", [["--no-stream"], ["--stream"], ["--help"]])
-def test_a_full_disk_is_one_line_and_status_1(flags, tiny_folder, env):
+def test_a_full_disk_is_one_line_and_status_1(flags, toy_folder, env):
     """Once "internal error ... please report it"."""
     with open("/dev/full", "w") as full:
         result = subprocess.run(
-            [sys.executable, str(SCRIPT), "--model", str(tiny_folder), PROMPT, *flags],
+            [sys.executable, str(SCRIPT), "--model", str(toy_folder), PROMPT, *flags],
             stdin=subprocess.DEVNULL,
             stdout=full,
             stderr=subprocess.PIPE,
@@ -450,9 +450,9 @@ def test_a_full_disk_is_one_line_and_status_1(flags, tiny_folder, env):
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX file descriptors")
 @pytest.mark.parametrize("argv", [[PROMPT], ["download", "--help"]])
-def test_a_closed_stdout_is_one_line_and_status_1(argv, tiny_folder, env):
+def test_a_closed_stdout_is_one_line_and_status_1(argv, toy_folder, env):
     """`gpt2np ... >&-`: said before any model is loaded; once "internal error ... please report it"."""
-    command = [sys.executable, "-m", "gpt2np", *argv, "--model", str(tiny_folder)]
+    command = [sys.executable, "-m", "gpt2np", *argv, "--model", str(toy_folder)]
     if argv[0] == "download":
         command = command[:-2]
     closed = {"preexec_fn": lambda: os.close(1)}  # the child starts without a descriptor 1
@@ -515,7 +515,7 @@ def test_ctrl_c_while_importing_exits_130_without_a_traceback(tmp_path, env):
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
-def test_ctrl_c_in_eval_is_said_once(tiny_folder, env, tmp_path):
+def test_ctrl_c_in_eval_is_said_once(toy_folder, env, tmp_path):
     """`gpt2np eval` runs inside gpt2np's own main: once both said they were interrupted."""
     data = tmp_path / "ptb.test.txt"
     data.write_text(" the cat sat on the mat \n" * 200_000)  # seconds of tokenizing and scoring
@@ -525,7 +525,7 @@ def test_ctrl_c_in_eval_is_said_once(tiny_folder, env, tmp_path):
         "gpt2np",
         "eval",
         "--model",
-        str(tiny_folder),
+        str(toy_folder),
         "--task",
         "ptb",
         "--data",
@@ -591,7 +591,7 @@ def test_top_level_help_lists_the_commands(capsys):
 
 
 # ---------------------------------------------------------------------------------------- download
-def test_download_prints_the_snapshot_folder_and_generate_loads_it(tmp_path, env, tiny_model):
+def test_download_prints_the_snapshot_folder_and_generate_loads_it(tmp_path, env, toy_model):
     cache, commit = tmp_path / "cache", "0123456789abcdef0123456789abcdef01234567"
     repo = cache / "models--someorg--tiny"
     (repo / "refs").mkdir(parents=True)
@@ -605,7 +605,7 @@ def test_download_prints_the_snapshot_folder_and_generate_loads_it(tmp_path, env
     argv = ["--model", "someorg/tiny", "--cache-dir", str(cache), PROMPT, "--seed", "0", "--max-new-tokens", "5"]
     result = run(argv, env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == tiny_model.generate(PROMPT, seed=0, max_new_tokens=5) + "\n"  # the same weights
+    assert result.stdout == toy_model.generate(PROMPT, seed=0, max_new_tokens=5) + "\n"  # the same weights
 
 
 def test_download_of_a_missing_model_is_one_line(env):
@@ -670,25 +670,25 @@ def test_stop_flag_understands_backslash_escapes():
 
 
 @pytest.mark.parametrize("text", ["日本語のテキスト" * 30, "naïve café " * 40, "one" + " word" * 200])
-def test_truncation_keeps_a_suffix_of_the_prompt_that_fits(text, tiny_model):
-    ids = tiny_model.tokenizer.encode(text)
-    kept = cli.last_tokens_text(tiny_model.tokenizer, ids, 10)
-    assert 0 < len(tiny_model.tokenizer.encode(kept)) <= 10
+def test_truncation_keeps_a_suffix_of_the_prompt_that_fits(text, toy_model):
+    ids = toy_model.tokenizer.encode(text)
+    kept = cli.last_tokens_text(toy_model.tokenizer, ids, 10)
+    assert 0 < len(toy_model.tokenizer.encode(kept)) <= 10
     assert text.endswith(kept)  # whole characters only: no U+FFFD from a cut inside one
 
 
 # ---------------------------------------------------------------------------------------- threads
-def test_threads_flag_runs_the_same_text(tiny_folder, tiny_model, monkeypatch, capsys):
-    expected = tiny_model.generate(PROMPT, seed=2, max_new_tokens=4) + "\n"
+def test_threads_flag_runs_the_same_text(toy_folder, toy_model, monkeypatch, capsys):
+    expected = toy_model.generate(PROMPT, seed=2, max_new_tokens=4) + "\n"
     for threads in ("1", "3"):
-        argv = ["generate", PROMPT, "--model", str(tiny_folder), "--seed", "2", "--max-new-tokens", "4"]
+        argv = ["generate", PROMPT, "--model", str(toy_folder), "--seed", "2", "--max-new-tokens", "4"]
         assert run_in_process([*argv, "--threads", threads], monkeypatch, capsys) == (0, expected, "")
 
 
 @pytest.mark.parametrize("command", ["generate", "serve", "eval", "batch"])
 @pytest.mark.parametrize("value", ["0", "-1", "two"])
-def test_a_bad_threads_flag_is_one_line(command, value, tiny_folder, monkeypatch, capsys):
-    argv = [command, "--model", str(tiny_folder), f"--threads={value}"]
+def test_a_bad_threads_flag_is_one_line(command, value, toy_folder, monkeypatch, capsys):
+    argv = [command, "--model", str(toy_folder), f"--threads={value}"]
     if command == "batch":
         argv += ["-", "--task", "score"]
     status, out, err = run_in_process(argv, monkeypatch, capsys)
@@ -696,7 +696,7 @@ def test_a_bad_threads_flag_is_one_line(command, value, tiny_folder, monkeypatch
     assert err.startswith(("gpt2np: error: ", f"gpt2np {command}: error: ")) and "--threads" in err, err
 
 
-def test_a_bad_thread_variable_is_one_line_that_names_it(tiny_folder, monkeypatch, capsys):
+def test_a_bad_thread_variable_is_one_line_that_names_it(toy_folder, monkeypatch, capsys):
     monkeypatch.setenv("GPT2NP_NUM_THREADS", "all")
-    argv = ["generate", PROMPT, "--model", str(tiny_folder), "--max-new-tokens", "2"]
+    argv = ["generate", PROMPT, "--model", str(toy_folder), "--max-new-tokens", "2"]
     assert_one_line_error(*run_in_process(argv, monkeypatch, capsys), "GPT2NP_NUM_THREADS='all'", "unset it")

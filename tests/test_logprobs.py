@@ -10,12 +10,12 @@ from gpt2np.engine import Engine, Row
 from gpt2np.evaluate.scoring import score_tokens
 from gpt2np.sampling import GenerationOptions, LogitAdjustments, OptionError, apply_count_penalties, next_token
 
-TINY = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
+TOY = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
 
 
 @pytest.fixture(scope="module")
 def model() -> GPT2:
-    return GPT2.from_random(TINY, seed=3)
+    return GPT2.from_random(TOY, seed=3)
 
 
 def test_score_equals_evaluate_scoring(model):
@@ -83,8 +83,8 @@ def test_complete_is_generate_with_more(model):
 def test_rows_that_ask_nothing_compute_nothing(model):
     options = GenerationOptions(do_sample=False, max_new_tokens=3)
     rows = [
-        Row([1, 2], options, np.random.default_rng(0), TINY.vocab_size),
-        Row([1, 2], options, np.random.default_rng(0), TINY.vocab_size, logprobs=0),
+        Row([1, 2], options, np.random.default_rng(0), TOY.vocab_size),
+        Row([1, 2], options, np.random.default_rng(0), TOY.vocab_size, logprobs=0),
     ]
     engine = Engine(model)
     engine.add(rows)

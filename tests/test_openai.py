@@ -23,14 +23,14 @@ LONG = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=1024)
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model) -> GPT2:
-    """The shared tiny checkpoint (tests/conftest.py), loaded as the server loads it."""
-    return tiny_model
+def model(toy_model) -> GPT2:
+    """The shared toy checkpoint (tests/conftest.py), loaded as the server loads it."""
+    return toy_model
 
 
 @pytest.fixture(scope="module")
-def server(tiny_folder, tmp_path_factory):
-    server = Server(tiny_folder, tmp_path_factory.mktemp("log") / "server.log")
+def server(toy_folder, tmp_path_factory):
+    server = Server(toy_folder, tmp_path_factory.mktemp("log") / "server.log")
     yield server
     server.stop()
 
@@ -42,8 +42,8 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def name(tiny_folder) -> str:
-    return tiny_folder.name  # the served model's name: its --model, a local folder by its last component only
+def name(toy_folder) -> str:
+    return toy_folder.name  # the served model's name: its --model, a local folder by its last component only
 
 
 def complete(model, prompts, **options):

@@ -18,7 +18,7 @@ from gpt2np.checkpoint import random_state_dict, save_checkpoint
 from gpt2np.request import EXAMPLE, MODEL_CARD_REQUEST, PARAMS, RequestError, parse_request
 from gpt2np.sampling import GenerationOptions
 
-TINY = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=64)
+TOY = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=64)
 KNOWN = (
     "top_p, temperature, max_new_tokens, do_sample, return_full_text, top_k, repetition_penalty, stop, seed, ignore_eos"
 )
@@ -144,8 +144,8 @@ def test_a_long_value_is_cut_in_the_message():
 # ---------------------------------------------------------------------------------------- CLI and server agree
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny")
-    save_checkpoint(folder, TINY, random_state_dict(TINY, seed=0))
+    folder = tmp_path_factory.mktemp("toy")
+    save_checkpoint(folder, TOY, random_state_dict(TOY, seed=0))
     return folder
 
 

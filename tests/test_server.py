@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from checkpoints import TINY  # the shared tiny checkpoint's config (tests/conftest.py)
+from checkpoints import TOY  # the shared tiny checkpoint's config (tests/conftest.py)
 
 from gpt2np import GPT2, GPT2Config
 from gpt2np.checkpoint import random_state_dict, save_checkpoint
@@ -163,29 +163,29 @@ def one_blas_thread():
 
 
 @pytest.fixture(scope="module")
-def model(tiny_model) -> GPT2:  # conftest.py's session model: the checkpoint `tiny_folder` the servers load
-    return tiny_model
+def model(toy_model) -> GPT2:  # conftest.py's session model: the checkpoint `toy_folder` the servers load
+    return toy_model
 
 
 @pytest.fixture(scope="module")
-def server(tiny_folder, tmp_path_factory):
-    server = Server(tiny_folder, tmp_path_factory.mktemp("log") / "server.log", "--max-batch-size", "16")
+def server(toy_folder, tmp_path_factory):
+    server = Server(toy_folder, tmp_path_factory.mktemp("log") / "server.log", "--max-batch-size", "16")
     yield server
     server.stop()
 
 
 # ---------------------------------------------------------------------------------------- routes
-def test_liveness_and_health(server, tiny_folder):
+def test_liveness_and_health(server, toy_folder):
     status, headers, body = server.request("GET", "/")
     assert (status, body) == (200, b"Healthy")
     health = server.health()
     assert health["queue_depth"] == 0 and health["status"] == "ok"
 
 
-def test_health_shows_no_local_path_and_server_no_python_version(server, tiny_folder):
+def test_health_shows_no_local_path_and_server_no_python_version(server, toy_folder):
     status, headers, body = server.request("GET", "/health")
     assert status == 200
-    assert json.loads(body)["model"] == tiny_folder.name and str(tiny_folder.parent) not in body.decode()
+    assert json.loads(body)["model"] == toy_folder.name and str(toy_folder.parent) not in body.decode()
     assert headers["Server"] == "gpt2np"
 
 
@@ -284,7 +284,7 @@ def test_bad_body_is_400_naming_the_field(server, case):
 
 def test_max_new_tokens_cap_counts_the_longest_prompt(server, model):
     prompt = " a" * 20
-    room = TINY.n_ctx - len(model.tokenizer.encode(prompt))
+    room = TOY.n_ctx - len(model.tokenizer.encode(prompt))
     status, answer = server.score({"input_data": ["x", prompt], "params": {"max_new_tokens": room + 1}})
     assert status == 400 and f"lower params.max_new_tokens to {room}" in answer["error"]
     assert "input_data[1]" in answer["error"]
@@ -772,10 +772,10 @@ def test_a_client_that_half_closes_after_its_request_gets_its_answer(long_server
 
 
 @pytest.fixture(scope="module")
-def strict_server(tiny_folder, tmp_path_factory):
+def strict_server(toy_folder, tmp_path_factory):
     """Short read deadline, few connections, few prompts, a small prefill chunk."""
     server = Server(
-        tiny_folder,
+        toy_folder,
         tmp_path_factory.mktemp("log") / "server.log",
         "--read-timeout",
         "1",
@@ -851,10 +851,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads CPU time from /proc")
-def test_idle_connections_under_a_low_descriptor_limit(tiny_folder, tmp_path):
+def test_idle_connections_under_a_low_descriptor_limit(toy_folder, tmp_path):
     """ulimit -n 128 and 200 idle connections: the server neither spins on a failing accept() nor
     leaves a normal request unanswered."""
-    server = Server(tiny_folder, tmp_path / "server.log", max_files=128)
+    server = Server(toy_folder, tmp_path / "server.log", max_files=128)
     idle = []
     try:
         idle = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(200)]

@@ -11,7 +11,6 @@ gpt2np.engine; options are gpt2np.sampling's `GenerationOptions`.
 from __future__ import annotations
 
 import numbers
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -20,6 +19,7 @@ from . import engine
 from .checkpoint import CONFIG_NAME, check_tokenizer, load_state_dict, random_state_dict, unflatten
 from .config import GPT2Config
 from .generation import Completion, check_prompts, complete, generate_ids, generate_text, prepare_prompts, stream_text
+from .locate import checkpoint_folder
 from .sampling import LogitAdjustments, check_logprobs, generation_arguments, row_generators
 from .threads import Threads, min_positions, resolve_threads
 from .tokenizer import Tokenizer
@@ -57,25 +57,17 @@ class GPT2:
     ) -> "GPT2":
         """Load a checkpoint folder, or a hub repo (`gpt2`, `openai-community/gpt2-medium`, ...).
 
-        A folder is used as it is. Otherwise the name is a hub repo id (short names `gpt2`,
-        `gpt2-medium`, `gpt2-large`, `gpt2-xl`, `distilgpt2` are mapped to their repos), fetched
-        into the HuggingFace cache unless already there; see `gpt2np.hub.snapshot_download`.
+        A folder is used as it is. `tiny` is the small model that ships inside the package (no
+        network). Otherwise the name is a hub repo id (short names `gpt2`, `gpt2-medium`,
+        `gpt2-large`, `gpt2-xl`, `distilgpt2` are mapped to their repos), fetched into the
+        HuggingFace cache unless already there. The rule, stated once: `gpt2np.locate`.
         `threads`: how many threads a long forward pass (a prompt, scoring) uses; None takes
         $GPT2NP_NUM_THREADS or else every core the process may use, 1 runs serially.
         """
         threads = resolve_threads(threads)  # a bad value fails before any download
-        folder = Path(name_or_path)
-        if not folder.is_dir():
-            text = str(name_or_path)
-            if text.startswith((".", "/", "~")) or text.count("/") > 1 or "\\" in text:
-                raise ValueError(
-                    f"no checkpoint folder at {text!r}: pass an existing folder or a hub repo id like 'gpt2'"
-                )
-            from .hub import snapshot_download
-
-            folder = snapshot_download(
-                text, revision=revision, cache_dir=cache_dir, token=token, offline=offline, progress=progress
-            )
+        folder = checkpoint_folder(
+            name_or_path, revision=revision, cache_dir=cache_dir, token=token, offline=offline, progress=progress
+        )
         if not (folder / CONFIG_NAME).is_file():
             raise ValueError(
                 f"no {CONFIG_NAME} in {folder}: a checkpoint folder holds config.json and model.safetensors"

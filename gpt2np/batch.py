@@ -285,17 +285,15 @@ def write_records(
 
 # ---------------------------------------------------------------------------------------- the command
 def resolve_model(name: str, *, revision: str, cache_dir: str | None, progress: bool) -> str:
-    """A checkpoint folder the workers can load: the folder given, or the hub cache's snapshot
-    (downloaded here once, so workers never download)."""
-    if Path(name).is_dir():
-        return str(Path(name).resolve())
-    from .console import UsageError, one_line
-    from .hub import snapshot_download
+    """A checkpoint folder the workers can load (`gpt2np.locate`'s rule: a folder, a bundled model,
+    or the hub cache's snapshot, downloaded here once so that workers never download)."""
+    from .console import load_failure
+    from .locate import checkpoint_folder
 
     try:
-        return str(snapshot_download(name, revision=revision, cache_dir=cache_dir, progress=progress))
+        return str(checkpoint_folder(name, revision=revision, cache_dir=cache_dir, progress=progress).resolve())
     except (ValueError, OSError) as e:
-        raise UsageError(f"cannot load the model {name!r}: {one_line(e)}") from e
+        raise load_failure(name, e) from e
 
 
 def build_parser(prog: str):

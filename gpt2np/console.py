@@ -181,9 +181,18 @@ def load_model(name_or_path: str, *, revision: str, cache_dir: str | None, progr
             name_or_path, revision=revision, cache_dir=cache_dir, progress=progress, threads=threads
         )
     except (ValueError, OSError) as e:  # the hub's errors are OSErrors
-        raise UsageError(f"cannot load the model {name_or_path!r}: {one_line(e)}") from e
+        raise load_failure(name_or_path, e) from e
     check_ctrl_c()
     return model
+
+
+def load_failure(name_or_path: str, error: BaseException) -> UsageError:
+    """The one line a command prints when a model cannot be loaded; after a failed download
+    (the hub's errors are OSErrors) it names the bundled model as the way to try gpt2np offline."""
+    from .locate import OFFLINE_HINT
+
+    hint = f" ({OFFLINE_HINT})" if isinstance(error, OSError) and not isinstance(error, FileNotFoundError) else ""
+    return UsageError(f"cannot load the model {name_or_path!r}: {one_line(error)}{hint}")
 
 
 # ---------------------------------------------------------------------------------------- output

@@ -126,6 +126,13 @@ TASKS["1bw"] = Task(
     note="each line scored alone as <|endoftext|> + line + <|endoftext|> (the closing one for </S>); "
     "ppl_word = exp(total nll / (words + one </S> a line)), words counted in the tokenized file",
 )
+TASKS["text"] = Task(
+    "text",
+    "perplexity",
+    (("ppl", "ppl (per token)", None), ("bits_per_byte", "bits per byte", None)),
+    data_hint="a UTF-8 text file of your own",
+    note="the file as it is (no detokenizer), scored by sliding windows",
+)
 TASKS["cnn_dailymail"] = Task(
     "cnn_dailymail",
     "summaries",

@@ -8,7 +8,7 @@ compare runs made seconds apart on the same (noisy) machine.
     python scripts/bench.py                      # tokenizer + random full-size gpt2 (124M)
     python scripts/bench.py --shape gpt2-medium  # the 24-layer, 1024-wide shape
     python scripts/bench.py --model path/to/ckpt # a real checkpoint folder
-    python scripts/bench.py --only tokenizer     # one part: tokenizer | model | scaling
+    python scripts/bench.py --only tokenizer     # one part: tokenizer | model | scaling | tiny
 
 The floor: decoding one token at batch 1 must multiply a vector by every weight matrix once, so
 the time of exactly those vector-matrix products over the same weights, in float32 with NumPy's
@@ -584,6 +584,36 @@ def machine() -> str:
     )
 
 
+def bench_tiny(repeat: int, new_tokens: int):
+    """The small trained model that ships in the package (`tiny`): greedy decoding at batch 1 and 8,
+    against transformers on the same folder. Its 50,257 x 192 LM head is most of a step."""
+    from gpt2np.locate import BUNDLED
+
+    folder = BUNDLED["tiny"]
+    model = GPT2.from_pretrained("tiny")
+    torch, hf = hf_model(folder)
+    c = model.config
+    new_tokens = min(new_tokens, c.n_ctx - 8)
+    for batch in (1, 8):
+        ours_decode(model, batch, 8, 4)  # warm up
+        if hf is not None:
+            hf_decode(torch, hf, batch, 8, 4)
+        t = interleaved(
+            {
+                "ours": lambda: ours_decode(model, batch, 8, new_tokens),
+                "hf": hf and (lambda: hf_decode(torch, hf, batch, 8, new_tokens)),
+            },
+            repeat,
+        )
+        row(
+            f"tiny ({c.n_layer} layers, {c.n_embd} wide, trained): greedy decode, batch {batch}, {new_tokens} new"
+            + (" each (total)" if batch > 1 else ""),
+            batch * new_tokens / t["ours"],
+            hf and batch * new_tokens / t["hf"],
+            unit=" tok/s",
+        )
+
+
 def print_table(repeat):
     header = ("what", "gpt2np", "reference", "ratio", "floor / target")
     widths = [max(len(r[i]) for r in [header, *ROWS]) for i in range(5)]
@@ -600,13 +630,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="a checkpoint folder (default: a random checkpoint of --shape)")
     parser.add_argument("--shape", default="gpt2", help="preset shape for the random checkpoint (default: gpt2)")
-    parser.add_argument("--only", choices=["tokenizer", "model", "scaling"], help="run one part only")
+    parser.add_argument("--only", choices=["tokenizer", "model", "scaling", "tiny"], help="run one part only")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the median is reported (default: 3)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per decode run (default: 128)")
     args = parser.parse_args(argv)
     if args.only in (None, "tokenizer"):
         bench_tokenizer(args.repeat)
-    if args.only != "tokenizer":
+    if args.only in (None, "tiny"):
+        bench_tiny(args.repeat, args.new_tokens)
+    if args.only not in ("tokenizer", "tiny"):
         with tempfile.TemporaryDirectory() as tmp:
             if args.model:
                 folder, label = Path(args.model), Path(args.model).name

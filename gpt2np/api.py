@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import engine
+from . import engine, scoring
 from .checkpoint import CONFIG_NAME, check_tokenizer, load_state_dict, random_state_dict, unflatten
 from .config import GPT2Config
 from .generation import Completion, check_prompts, complete, generate_ids, generate_text, prepare_prompts, stream_text
@@ -195,16 +195,21 @@ class GPT2:
     def score(self, text, *, top=0) -> ScoredText:
         """The log-probability of every token of `text` (a string, or a list of token ids) after the
         first, each given the tokens before it, and with `top=k` (0 to 5) the k most likely tokens at
-        each position (a `ScoredText`).
-        The figures are gpt2np.evaluate's `score_tokens` (one pass, float64-accumulated log-softmax).
-        The first token has nothing before it and is not scored."""
-        # The evaluation package is imported only when scoring.
-        from .evaluate.scoring import score_ids
-
+        each position (a `ScoredText`). One pass; gpt2np.scoring's formula (a float64-accumulated
+        log-softmax), the one behind evaluation, batch scoring and echo. The first token has nothing
+        before it and is not scored."""
         ids = self.tokenizer.encode(text, allowed_special="all") if isinstance(text, str) else _prompt_ids(text, 0)
         if len(ids) < 1:
             raise ValueError("nothing to score: the text is empty")
-        return ScoredText(ids, *score_ids(self, ids, top=check_logprobs(top, name="top")))
+        scored = scoring.score_ids(self, ids, top=check_logprobs(top, name="top"))
+        return ScoredText(ids, scored.log_probs, scored.top_ids, scored.top_log_probs)
+
+    def hidden_states(self, ids) -> np.ndarray:  # [T] -> [T, C]  or  [B, T] -> [B, T, C]
+        """The trunk's output for every position of `ids` (after the final layer norm, before the LM
+        head), float32: what `model(ids)` multiplies by the token embedding."""
+        ids = self.check_ids(ids)
+        x = engine.hidden_states(self, ids if ids.ndim == 2 else ids[None])
+        return x if ids.ndim == 2 else x[0]
 
 
 def check_integer_ids(ids, array: np.ndarray, *, what: str) -> None:

@@ -9,9 +9,9 @@ the same records wherever it runs, so the output does not depend on how many wor
   its own options (the job's flags, overridden by the line's "params", checked by
   gpt2np.request.check_params as the endpoint checks them) and its own random generator
   (`line_generator`: derived from the line's number, never from its batch).
-- score: each line's text is cut into `sliding_windows` as `gpt2np.evaluate.perplexity` cuts a
-  text, the windows of every line of the chunk are scored together (`score_tokens`), and each
-  line's sums are `perplexity`'s formulas.
+- score: each line's text is scored as `gpt2np.evaluate.perplexity` scores a text, through the same
+  gpt2np.scoring functions (`text_ids`, `score_texts`, `perplexity_figures`), the windows of every
+  line of the chunk scored together.
 
 A line that cannot be read or run gets a record with an "error" instead; the others are unharmed.
 """
@@ -19,11 +19,12 @@ A line that cannot be read or run gets a record with an "error" instead; the oth
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from . import scoring
 
 TASKS = ("generate", "score")
 FORMATS = ("jsonl", "text")
@@ -254,66 +255,43 @@ def generate_record(prepared: Prepared, row) -> dict:
 SCORE_KEYS = ("id", "text")
 
 
-def score_ids(model, job: Job, line: Line) -> list[int]:
-    """The line's token ids as `perplexity` encodes a text (special-token text is plain text)."""
+def text_ids(model, job: Job, line: Line) -> list[int]:
+    """The line's token ids as perplexity scores a text (gpt2np.scoring.text_ids)."""
     data = read_fields(line, job.input_format)
     check_keys(data, SCORE_KEYS, line)
-    text = required_text(data, "text", line)
-    ids = model.tokenizer.encode(text, disallowed_special=())
-    if job.prepend_eot:
-        ids = [model.tokenizer.eot_token] + ids
-    if len(ids) < 2:
-        raise LineError(
-            f"line {line.number}: the text has {len(ids)} token(s), at least 2 are needed (the first "
-            "is context only); pass --prepend-eot to score the first token too"
-        )
-    return ids
+    try:
+        return scoring.text_ids(model.tokenizer, required_text(data, "text", line), prepend_eot=job.prepend_eot)
+    except ValueError as e:
+        hint = "" if job.prepend_eot else "; pass --prepend-eot to score the first token too"
+        raise LineError(f"line {line.number}: {e}{hint}") from None
 
 
 def score_records(model, job: Job, lines: Sequence[Line]) -> list[dict]:
-    """The windows of every good line scored in shared batches; each line's sums as `perplexity`'s."""
-    from .evaluate.scoring import DEFAULT_STRIDE, score_tokens, sliding_windows
-
-    max_length = model.config.n_ctx if job.max_length is None else job.max_length
-    stride = min(DEFAULT_STRIDE, max_length) if job.stride is None else job.stride
+    """The windows of every good line scored in shared batches (gpt2np.scoring.score_texts), each
+    line's figures `perplexity`'s."""
     records: list = [None] * len(lines)
-    sequences, owners, good = [], [], {}
+    good = {}
     for i, line in enumerate(lines):
         try:
-            ids = score_ids(model, job, line)
+            good[i] = text_ids(model, job, line)
         except LineError as e:
             records[i] = error_record(line, job, e)
-            continue
-        good[i] = ids
-        array = np.asarray(ids, dtype=np.intp)
-        for begin, end, first in sliding_windows(len(ids), max_length=max_length, stride=stride):
-            sequences.append((array[begin:end], first - begin))
-            owners.append(i)
-    sums = dict.fromkeys(good, 0.0)
-    if sequences:
-        for i, (log_probs, _) in zip(owners, score_tokens(model, sequences, batch_size=job.batch_size, progress=False)):
-            sums[i] += float(log_probs.sum())
-    for i, ids in good.items():
-        records[i] = score_record(model, line_id(lines[i], job.input_format), ids, sums[i])
+    scored = scoring.score_texts(
+        model,
+        list(good.values()),
+        max_length=job.max_length,
+        stride=job.stride,
+        batch_size=job.batch_size,
+        progress=False,
+    )
+    for (i, ids), log_probs in zip(good.items(), scored):
+        total = float(log_probs.sum())
+        figures = scoring.perplexity_figures(total, len(ids) - 1, len(model.tokenizer.decode_bytes(ids[1:])))
+        records[i] = {
+            "id": line_id(lines[i], job.input_format),
+            "tokens": figures["tokens"],
+            "logprob_sum": total,
+            "ppl": figures["ppl"],
+            "bits_per_byte": figures["bits_per_byte"],
+        }
     return records
-
-
-def score_record(model, id_, ids: list[int], logprob_sum: float) -> dict:
-    """`perplexity`'s figures for one text: every token but the first is scored."""
-    tokens = len(ids) - 1
-    n_bytes = len(model.tokenizer.decode_bytes(ids[1:]))
-    nll = -logprob_sum
-    return {
-        "id": id_,
-        "tokens": tokens,
-        "logprob_sum": logprob_sum,
-        "ppl": _exp(nll / tokens),
-        "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else None,
-    }
-
-
-def _exp(x: float) -> float:
-    try:
-        return math.exp(x)
-    except OverflowError:
-        return math.inf

@@ -41,13 +41,15 @@ D head size, V vocabulary; b and w are the rows and columns of a part being laid
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-from .model import causal_mask, gpt2, lm_head, parallel, pieces
-from .sampling import GenerationOptions, LogitAdjustments, RowSampler, log_softmax_top
+from . import runner, scoring
+from .model import causal_mask, gpt2, lm_head
+from .sampling import GenerationOptions, LogitAdjustments, RowSampler
 
 # A step with this many rows to sample (or more) samples them on the model's threads, a band of rows
 # each: a row's top_p sort takes about 0.5 ms, the hand-out about 0.03 ms.
@@ -113,10 +115,15 @@ def run(model, ids, positions, mask, *, kv_cache=None, start=0, head=None):  # [
     position (`head="last"`, [B, V]) or of every position (`head="all"`, [B, T, V]) or None."""
     B, T = ids.shape
     with model.threads.forward(B * T) as pool:
-        x = gpt2(ids, positions, model.params, model.config, mask=mask, kv_cache=kv_cache, start=start, pool=pool)
+        if pool is None:  # a short pass (every decoding step), or threads=1: model.py as written
+            x = gpt2(ids, positions, model.params, model.config, mask=mask, kv_cache=kv_cache, start=start)
+            head_fn = lm_head
+        else:  # the same steps, each split over the pool
+            x = runner.gpt2(pool, ids, positions, model.params, model.config, mask=mask, kv_cache=kv_cache, start=start)
+            head_fn = functools.partial(runner.lm_head, pool)
         if head is None:
             return x, None
-        return x, lm_head(x[:, -1] if head == "last" else x, model.lm_head_weight, pool)
+        return x, head_fn(x[:, -1] if head == "last" else x, model.lm_head_weight)
 
 
 def logits(model, ids) -> np.ndarray:  # [B, T] -> [B, T, V]
@@ -199,6 +206,11 @@ class Row:
     a `TokenLogProb` in `log_probs` for every token it produces. They are of the model's own
     distribution, the raw logits before any penalty, bias, temperature, top-k or top-p (as OpenAI
     and vLLM report them): what scoring the same text gives, whatever the sampler did.
+
+    A row that sets `prompt_logprobs` to k gets its prompt scored while it is prefilled (a chunk at
+    a time, with the engine's `prefill_chunk`): `prompt_scores` is then the log-probs of its prompt's
+    tokens after the first, as `GPT2.score` gives them (gpt2np.scoring). With `score_only` the row
+    ends there, choosing no token: scoring a prompt as one more row of the batch.
     """
 
     def __init__(
@@ -210,6 +222,8 @@ class Row:
         adjust: LogitAdjustments | None = None,
         *,
         logprobs: int | None = None,
+        prompt_logprobs: int | None = None,
+        score_only: bool = False,
     ):
         self.ids = list(ids)
         self.sampler = RowSampler(self.ids, options, rng, vocab_size, adjust)
@@ -217,6 +231,18 @@ class Row:
         self.token: int | None = None  # the token chosen at the last step, fed at the next
         self.logprobs = logprobs  # None: no log-probs asked (nothing is computed for the row)
         self.log_probs: list[TokenLogProb] = []
+        self.prompt_logprobs = 0 if score_only and prompt_logprobs is None else prompt_logprobs
+        self.score_only = score_only
+        self._prompt_parts: list[scoring.LogProbs] = []
+
+    @property
+    def prompt_scores(self) -> scoring.LogProbs | None:
+        """The prompt's tokens after the first, scored (with `prompt_logprobs`), once prefilled."""
+        if self.prompt_logprobs is None:
+            return None
+        if not self._prompt_parts:  # a one-token prompt: nothing to score
+            return scoring.empty(0, self.prompt_logprobs)
+        return scoring.LogProbs(*(np.concatenate(field) for field in zip(*self._prompt_parts)))
 
     @property
     def options(self) -> GenerationOptions:
@@ -329,10 +355,13 @@ class Engine:
                 raw = None if row.logprobs is None else logits[i, : self.n_choosable].copy()  # the sampler changes them
                 row.token = row.sampler.choose(logits[i, : self.n_choosable], self.eos)
                 if row.token is not None and raw is not None:
-                    row.log_probs.append(TokenLogProb(row.token, *log_softmax_top(raw, row.token, row.logprobs)))
+                    scored = scoring.log_probs(raw[None], np.array([row.token]), top=row.logprobs)
+                    row.log_probs.append(
+                        TokenLogProb(row.token, float(scored.log_probs[0]), scored.top_ids[0], scored.top_log_probs[0])
+                    )
 
         pool = self.model.threads.pool if len(live) >= SAMPLER_MIN_ROWS else None
-        parallel(pool, pick, pieces(len(live), pool))
+        runner.parallel(pool, pick, runner.pieces(len(live), pool))
         return [(row, row.token) for _, row in live if row.token is not None]
 
     def forward(self) -> None:
@@ -390,7 +419,8 @@ class Engine:
         ids, valid, positions = left_pad([r.ids for r in rows])  # [b, L] each
         L = ids.shape[1]
         cache = new_cache(model.config, len(rows), L + room)
-        _, logits = run(model, ids, positions, causal_mask(valid, 0, L), kv_cache=cache, head="last")  # [b, V]
+        x, logits = run(model, ids, positions, causal_mask(valid, 0, L), kv_cache=cache, head="last")  # [b, V]
+        score_prompts(model, rows, x, ids, valid, 0)
         valid = np.concatenate([valid, np.zeros((len(rows), room), dtype=bool)], axis=1)
         return _Part(rows, cache, np.arange(len(rows)), valid, positions[:, -1] + 1, logits)
 
@@ -448,12 +478,31 @@ class _Prefill:
         s, e = self.done, min(L, self.done + max(1, budget // b))
         mask = causal_mask(self.valid[:, :e], s, e - s)
         head = "last" if e == L else None  # the logits once the last column is in
-        _, logits = run(model, self.ids[:, s:e], self.positions[:, s:e], mask, kv_cache=self.cache, start=s, head=head)
+        x, logits = run(model, self.ids[:, s:e], self.positions[:, s:e], mask, kv_cache=self.cache, start=s, head=head)
+        score_prompts(model, self.rows, x, self.ids, self.valid, s)
         self.done = e
         if e < L:
             return None
         valid = np.concatenate([self.valid, np.zeros((b, self.room), dtype=bool)], axis=1)
         return _Part(self.rows, self.cache, np.arange(b), valid, self.positions[:, -1] + 1, logits)
+
+
+def score_prompts(model, rows: Sequence[Row], x, ids, valid, s: int) -> None:  # x [b, e - s, C] of columns s..e
+    """The rows that score their prompts get the log-probs of the prompt tokens that columns s..e
+    predict (column c predicts the token at c + 1; padding and the last column predict none). A row
+    that only scores is finished once its last column is in."""
+    e, L = s + x.shape[1], ids.shape[1]
+    for r, row in enumerate(rows):
+        if row.prompt_logprobs is None:
+            continue
+        cols = np.arange(s, min(e, L - 1))
+        cols = cols[valid[r, cols]]
+        if len(cols):
+            row._prompt_parts.append(
+                scoring.model_log_probs(model, x[r, cols - s], ids[r, cols + 1], top=row.prompt_logprobs)
+            )
+        if row.score_only and e == L:
+            row.finish()
 
 
 def _room(rows: Sequence[Row], *, pending: bool) -> int:

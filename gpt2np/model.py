@@ -26,11 +26,10 @@ the formula, the docstring names the reference function to read.
 Everything stays float32: NumPy keeps float32 when an array meets a Python float, and every
 constant below is applied to float32 arrays.
 
-Threads: the steps of a long pass take a `pool` (gpt2np.threads, handed down by the engine) and
-split their work over it with `parallel`, the one helper that knows about threads: a product by
-bands of output columns, attention by (head group, query block), layer norm by positions. With
-`pool=None` each step is one call, as written. A thread does the serial code's arithmetic on its
-part, except that BLAS may round a product differently once it is cut (about 1e-7 relative).
+Execution is not this module's business: every function takes arrays and returns arrays, on the
+calling thread. How a long pass is split over threads (products by bands of output columns,
+attention by heads and blocks of queries, layer norms by positions) is gpt2np.threads', which calls
+these same functions on the parts; the engine decides which pass runs where.
 """
 
 from __future__ import annotations
@@ -44,29 +43,6 @@ import numpy as np
 MASKED = np.finfo(np.float32).min
 
 _GELU_A = -2 * math.sqrt(2 / math.pi)  # the factor of -2u in `gelu`
-
-
-def parallel(pool, fn, items):
-    """Call fn(item) for each item: in order on this thread when `pool` is None, else spread over
-    the pool's threads (`gpt2np.threads.Pool`). The one place the model splits work over threads.
-    Each item writes only its own part of an output allocated beforehand, and does the arithmetic
-    the serial code does on that part, so no two threads touch the same numbers."""
-    if pool is None:
-        for item in items:
-            fn(item)
-    else:
-        pool.map(fn, items)
-
-
-def pieces(n, pool, *, multiple=1):  # -> list of slices covering range(n)
-    """range(n) whole when `pool` is None, else cut into one near-equal piece per thread, each cut
-    at a multiple of `multiple` (the product kernels' column widths divide 64)."""
-    if pool is None:
-        return [slice(0, n)]
-    units = -(-n // multiple)
-    parts = min(pool.n, units)
-    cuts = [min(n, (units * i // parts) * multiple) for i in range(parts + 1)]
-    return [slice(a, b) for a, b in zip(cuts, cuts[1:]) if a < b]
 
 
 def gelu(x, out=None):  # [..., F] -> [..., F]
@@ -100,27 +76,15 @@ def layer_norm(x, weight, bias, eps, out=None):  # [..., C] -> [..., C]
     return x
 
 
-def linear(x, weight, bias, *, activation=None, pool=None):  # [..., in] @ [in, out] + [out] -> [..., out]
+def linear(x, weight, bias, *, activation=None, out=None):  # [..., in] @ [in, out] + [out] -> [..., out]
     """An affine map, then `activation` if given (applied in place). Leading axes are flattened
     first, so the weight is read once by one matrix product (a stacked [B, T, in] @ [in, out] would
-    run B separate products, reading it B times). With a pool, each thread computes its own band
-    of output columns, the activation included while the band is still in cache."""
+    run B separate products, reading it B times). `out` [N, out], if given, receives the result."""
     x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-    if pool is None:  # one call each, as written (a decoding step makes 49 of these: no closures)
-        y = x2 @ weight
-        y += bias
-        if activation is not None:
-            activation(y, out=y)
-    else:
-        y = np.empty((x2.shape[0], weight.shape[-1]), dtype=np.float32)  # [N, out]
-
-        def columns(j):  # the same three steps on a band of columns
-            np.matmul(x2, weight[:, j], out=y[:, j])
-            y[:, j] += bias[j]
-            if activation is not None:
-                activation(y[:, j], out=y[:, j])
-
-        parallel(pool, columns, pieces(y.shape[1], pool, multiple=64))
+    y = np.matmul(x2, weight, out=out)
+    y += bias
+    if activation is not None:
+        activation(y, out=y)
     return y.reshape(*x.shape[:-1], y.shape[1])
 
 
@@ -145,33 +109,33 @@ def attention(q, k, v, mask):  # [B, H, T, D], [B, H, S, D], [B, H, S, D], [B, 1
     return softmax(scores) @ v
 
 
-def causal_attention(q, k, v, mask, *, start=0, block=128, pool=None):  # [B, H, T, D], [B, H, S, D] x2 -> [B, H, T, D]
+def causal_attention(q, k, v, mask, *, start=0, block=128):  # [B, H, T, D], [B, H, S, D] x2 -> [B, H, T, D]
     """`attention` for the queries at positions start..start+T, a block of queries at a time.
 
     The same numbers as one call, faster: a query never sees a later key, so the block of queries
     i..e needs only the keys up to start+e. Over a 1024-token prompt that skips the upper triangle
     of the score matrix (half the products, half the softmax) and keeps the scores block x S
-    instead of T x S, small enough to stay in cache: measured 2-3x faster per layer. With a pool,
-    the (head group, query block) pairs run on its threads, the longest blocks first. One head at a
+    instead of T x S, small enough to stay in cache: measured 2-3x faster per layer. One head at a
     time, with the mask added to the scores: `reference.attention`.
     """
     B, H, T, D = q.shape
-    if T <= block and pool is None:
+    if T <= block:
         return attention(q, k, v, mask)
     out = np.empty((B, T, H, D), dtype=q.dtype).transpose(0, 2, 1, 3)  # [B, H, T, D], stored as `mha` merges it
-
-    def one(item):  # heads h, queries i..e
-        h, i, e = item
-        S = start + e  # keys this block may see
-        m = None if mask is None else mask[:, :, i:e, :S]
-        out[:, h, i:e] = attention(q[:, h, i:e], k[:, h, :S], v[:, h, :S], m)
-
-    blocks = [(i, min(T, i + block)) for i in range(0, T, block)]
-    parallel(pool, one, [(h, i, e) for i, e in reversed(blocks) for h in pieces(H, pool)])
+    for i in range(0, T, block):
+        e = min(T, i + block)
+        out[:, :, i:e] = attention(
+            q[:, :, i:e], k[:, :, : start + e], v[:, :, : start + e], key_mask(mask, i, e, start)
+        )
     return out
 
 
-def mha(x, c_attn, c_proj, *, n_head, scale, mask, kv_cache=None, start=0, pool=None):  # [B, T, C] -> [B, T, C]
+def key_mask(mask, i, e, start):  # [B, 1, T, S] -> [B, 1, e - i, start + e]
+    """The mask of the queries i..e, over the keys they may see (None stays None)."""
+    return None if mask is None else mask[:, :, i:e, : start + e]
+
+
+def mha(x, c_attn, c_proj, *, n_head, scale, mask, kv_cache=None, start=0):  # [B, T, C] -> [B, T, C]
     """Masked multi-head self-attention, all heads in one matrix product (`reference.mha` loops over them).
 
     With a KV cache (`kv_cache` = the pair of this layer's key and value buffers [B, H, S_max, D]),
@@ -179,86 +143,96 @@ def mha(x, c_attn, c_proj, *, n_head, scale, mask, kv_cache=None, start=0, pool=
     queries attend to every position up to there: decoding one token costs one position's
     projections instead of the whole sequence's.
     """
-    B, T, C = x.shape
-    qkv = linear(x, **c_attn, pool=pool)  # [B, T, 3C]
-    q, k, v = qkv.reshape(B, T, 3, n_head, C // n_head).transpose(2, 0, 3, 1, 4)  # 3 x [B, H, T, D]
-    q *= scale  # q is a view into qkv: scale in place
-    if kv_cache is not None:
-        k_cache, v_cache = kv_cache  # [B, H, S_max, D] each
-        k_cache[:, :, start : start + T] = k
-        v_cache[:, :, start : start + T] = v
-        k, v = k_cache[:, :, : start + T], v_cache[:, :, : start + T]  # [B, H, S, D]
-    out = causal_attention(q, k, v, mask, start=start, pool=pool)  # [B, H, T, D]
-    out = out.transpose(0, 2, 1, 3).reshape(B, T, C)  # merge the heads back into C channels (a copy, unless stored so)
-    return linear(out, **c_proj, pool=pool)
+    q, k, v = split_heads(linear(x, **c_attn), n_head)  # 3 x [B, H, T, D]
+    q *= scale  # q is a view into the projection: scale in place
+    k, v = remember(kv_cache, k, v, start)  # [B, H, S, D] each
+    return linear(merge_heads(causal_attention(q, k, v, mask, start=start)), **c_proj)
 
 
-def ffn(x, c_fc, c_proj, pool=None):  # [B, T, C] -> [B, T, C]
+def split_heads(qkv, n_head):  # [B, T, 3C] -> 3 x [B, H, T, D]
+    """The queries, keys and values of every head: views into the projection, no copy."""
+    B, T, C3 = qkv.shape
+    return qkv.reshape(B, T, 3, n_head, C3 // (3 * n_head)).transpose(2, 0, 3, 1, 4)
+
+
+def merge_heads(z):  # [B, H, T, D] -> [B, T, C]
+    """The heads' outputs side by side in C channels (a copy, unless `z` is stored that way)."""
+    B, H, T, D = z.shape
+    return z.transpose(0, 2, 1, 3).reshape(B, T, H * D)
+
+
+def remember(kv_cache, k, v, start):  # [B, H, T, D] x2 -> [B, H, S, D] x2
+    """With a KV cache, write the new keys and values at its columns start..start+T and return
+    every column up to there; without one, the new keys and values are all there is."""
+    if kv_cache is None:
+        return k, v
+    k_cache, v_cache = kv_cache  # [B, H, S_max, D] each
+    T = k.shape[2]
+    k_cache[:, :, start : start + T] = k
+    v_cache[:, :, start : start + T] = v
+    return k_cache[:, :, : start + T], v_cache[:, :, : start + T]
+
+
+def ffn(x, c_fc, c_proj):  # [B, T, C] -> [B, T, C]
     """The position-wise MLP: expand to F channels, GELU, project back to C."""
-    return linear(linear(x, **c_fc, activation=gelu, pool=pool), **c_proj, pool=pool)
+    return linear(linear(x, **c_fc, activation=gelu), **c_proj)
 
 
-def norm(x, p, eps, pool):  # [B, T, C] -> [B, T, C]
-    """`layer_norm` into a new array, with a pool one band of positions per thread."""
-    if pool is None:
-        return layer_norm(x, **p, eps=eps)
-    x2, out = x.reshape(-1, x.shape[-1]), np.empty(x.shape, dtype=np.float32)
-    out2 = out.reshape(x2.shape)
-    parallel(pool, lambda r: layer_norm(x2[r], **p, eps=eps, out=out2[r]), pieces(len(x2), pool))
-    return out
-
-
-def block(x, p, *, n_head, eps, scale, mask, kv_cache=None, start=0, pool=None):  # [B, T, C] -> [B, T, C]
+def block(x, p, *, n_head, eps, scale, mask, kv_cache=None, start=0):  # [B, T, C] -> [B, T, C]
     """One pre-norm transformer block: two residual additions, done in place on x."""
     x += mha(
-        norm(x, p["ln_1"], eps, pool),
+        layer_norm(x, **p["ln_1"], eps=eps),
         **p["attn"],
         n_head=n_head,
         scale=scale,
         mask=mask,
         kv_cache=kv_cache,
         start=start,
-        pool=pool,
     )
-    x += ffn(norm(x, p["ln_2"], eps, pool), **p["mlp"], pool=pool)
+    x += ffn(layer_norm(x, **p["ln_2"], eps=eps), **p["mlp"])
     return x
 
 
-def gpt2(ids, positions, params, config, *, mask=None, kv_cache=None, start=0, pool=None):  # [B, T] -> [B, T, C]
+def attention_scale(config, layer: int) -> float:
+    """What `mha` multiplies the queries by: 1/sqrt(D), and 1/(layer + 1) too where the config says so."""
+    scale = 1 / math.sqrt(config.n_embd // config.n_head) if config.scale_attn_weights else 1.0
+    return scale / (layer + 1) if config.scale_attn_by_inverse_layer_idx else scale
+
+
+def embed(ids, positions, params):  # [B, T], [B, T] -> [B, T, C]
+    """Token embedding plus learned position embedding."""
+    return params["wte"]["weight"][ids] + params["wpe"]["weight"][positions]
+
+
+def gpt2(ids, positions, params, config, *, mask=None, kv_cache=None, start=0):  # [B, T] -> [B, T, C]
     """The transformer trunk: embeddings, n_layer blocks, final layer norm.
 
     `positions` [B, T] indexes the learned position embeddings (per row, so left-padded rows can
     start counting at their first real token). `mask` [B, 1, T, S] says which keys each query may
     see (causal and padding); None means none is hidden, as when decoding one token with no
     padding. `kv_cache`, if given, is a list with one (keys, values) pair of [B, H, S_max, D]
-    buffers per layer, and `start` is where this call's T positions go in them. `pool`, if given,
-    is the thread pool each step splits its work over (`parallel`); None runs everything here.
+    buffers per layer, and `start` is where this call's T positions go in them.
     """
-    x = params["wte"]["weight"][ids] + params["wpe"]["weight"][positions]  # [B, T, C]
-    scale = 1 / math.sqrt(config.n_embd // config.n_head) if config.scale_attn_weights else 1.0  # 1/sqrt(D)
+    x = embed(ids, positions, params)  # [B, T, C]
     for i, p in enumerate(params["h"]):
-        layer_scale = scale / (i + 1) if config.scale_attn_by_inverse_layer_idx else scale
         x = block(
             x,
             p,
             n_head=config.n_head,
             eps=config.layer_norm_epsilon,
-            scale=layer_scale,
+            scale=attention_scale(config, i),
             mask=mask,
             kv_cache=None if kv_cache is None else kv_cache[i],
             start=start,
-            pool=pool,
         )
-    return norm(x, params["ln_f"], config.layer_norm_epsilon, pool)
+    return layer_norm(x, **params["ln_f"], eps=config.layer_norm_epsilon)
 
 
-def lm_head(x, wte, pool=None):  # [..., C] -> [..., V]
-    """Logits: the final hidden states times the token embedding (weights tied, as in GPT-2). With a
-    pool, each thread computes the logits of its own band of the vocabulary."""
+def lm_head(x, wte, out=None):  # [..., C] -> [..., V]
+    """Logits: the final hidden states times the token embedding (weights tied, as in GPT-2).
+    `out` [N, V], if given, receives them."""
     x2 = x.reshape(-1, x.shape[-1])  # [N, C]
-    y = np.empty((x2.shape[0], wte.shape[0]), dtype=np.float32)  # [N, V]
-    parallel(pool, lambda j: np.matmul(x2, wte[j].T, out=y[:, j]), pieces(wte.shape[0], pool, multiple=64))
-    return y.reshape(*x.shape[:-1], wte.shape[0])
+    return np.matmul(x2, wte.T, out=out).reshape(*x.shape[:-1], wte.shape[0])
 
 
 def causal_mask(key_valid, start, T):  # [B, S] -> [B, 1, T, S]

@@ -240,18 +240,6 @@ def apply_count_penalties(logits, counts, presence_penalty, frequency_penalty): 
     return logits
 
 
-def log_softmax_top(logits, token: int, k: int) -> tuple[float, np.ndarray, np.ndarray]:  # [V] -> lp, [k], [k]
-    """log softmax(logits) at `token`, and the k most likely tokens (most likely first, equal
-    logits by id) with theirs: the model's own figures, for reporting. As in gpt2np.evaluate's
-    `target_log_probs`: the float32 exponentials of logit - max are summed in float64."""
-    top = float(logits.max())
-    log_sum = float(np.log(np.add.reduce(np.exp(logits - top), dtype=np.float64)))
-    best = np.argpartition(-logits, k - 1)[:k] if 0 < k < len(logits) else np.arange(len(logits) if k else 0)
-    best = best[np.lexsort((best, -logits[best]))]
-    best_log_probs = logits[best].astype(np.float64) - top - log_sum
-    return float(logits[token]) - top - log_sum, best, best_log_probs
-
-
 def apply_temperature(logits, temperature):  # [V] -> [V], in place
     """logits / temperature, in float32 as transformers computes it, when the quotients (and their
     differences) fit float32 with room to spare. Otherwise (a temperature near 0 or huge, or logits

@@ -3,9 +3,9 @@
 NumPy runs a ufunc (exp, the softmax sums, GELU, layer norm) on one core; only BLAS's matrix
 products use them all. A forward pass over many positions (a prompt's prefill, scoring) therefore
 runs its element-wise third on one core. With `threads` > 1 such a pass runs every step as chunks
-on a pool of threads instead: the products by output columns, attention by (head group, query
-block), the element-wise steps by positions (`gpt2np.model.parallel` is the one place that splits).
-NumPy releases the GIL inside these loops, so the chunks run at once.
+on a pool of threads instead (gpt2np.runner): the products by output columns, attention by (head
+group, query block), the element-wise steps by positions. NumPy releases the GIL inside these
+loops, so the chunks run at once.
 
 BLAS is held to one thread for the whole pass (threadpoolctl), products included. Leaving the
 products on BLAS's own threads was measured slower than one thread: OpenBLAS's worker busy-waits

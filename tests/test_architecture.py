@@ -104,3 +104,20 @@ def test_only_the_engine_runs_the_trunk():
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "gpt2" and name != "gpt2np.reference":
                 callers.add(name)
     assert callers == {"gpt2np.engine"}
+
+
+def test_model_py_is_the_formulas_with_no_execution_detail():
+    """model.py imports NumPy (and math) only, and no function of it takes a pool, threads or a
+    runner: how a pass is split over threads is gpt2np.runner's business."""
+    tree = ast.parse(MODULES["gpt2np.model"].read_text())
+    imported = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module or ".")
+    assert imported <= {"numpy", "math", "__future__"}, imported
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef):
+            names = [a.arg for a in node.args.args + node.args.kwonlyargs]
+            assert not {"pool", "threads", "executor", "runner"} & set(names), (node.name, names)

@@ -111,3 +111,37 @@ def test_chunked_prefill_bounds_the_memory_of_long_prompts():
         peaks[chunk] = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peaks[64] < peaks[None] / 2, peaks  # measured: 20.3 MB in one pass, 5.9 MB chunked
+
+
+@pytest.mark.parametrize("chunk", [None, 7, 64])
+def test_rows_score_their_prompts_while_prefilled_as_score_gives_them(model, chunk):
+    """Prompt scoring as rows of the batch (what /v1/completions' echo uses): chunked or not, left
+    padded beside longer prompts, beside rows that generate, each prompt's log-probs and top-3
+    alternatives equal GPT2.score's; a score-only row ends after its prefill and chooses nothing,
+    and a row that scores and generates gives the same tokens as a plain row."""
+    ids = prompts(5, [40, 9, 1, 60])
+    engine = Engine(model, prefill_chunk=chunk)
+    batch = [
+        Row(ids[0], GREEDY, None, model.config.vocab_size, prompt_logprobs=3, score_only=True),
+        Row(ids[1], GREEDY, None, model.config.vocab_size, prompt_logprobs=3),
+        Row(ids[2], GREEDY, None, model.config.vocab_size, prompt_logprobs=3, score_only=True),
+        Row(ids[3], GREEDY, None, model.config.vocab_size),
+    ]
+    engine.add(batch)
+    _, tokens = decode(engine, batch)
+    assert tokens[0] == tokens[2] == [] and len(tokens[1]) == len(tokens[3]) == GREEDY.max_new_tokens
+    plain = Engine(model)
+    alone = rows(model, [ids[1]])
+    plain.add(alone)
+    assert decode(plain, alone)[1][0] == tokens[1]
+    worst = 0.0
+    for row, prompt in zip(batch[:3], ids[:3]):
+        expected = model.score(prompt, top=3)
+        got = row.prompt_scores
+        assert len(got.log_probs) == len(prompt) - 1
+        assert np.array_equal(got.top_ids, expected.top_ids)
+        worst = max(worst, float(np.abs(got.log_probs - expected.log_probs).max(initial=0)))
+        np.testing.assert_allclose(got.top_log_probs, expected.top_log_probs, atol=1e-5)
+    print(f"prompt log-probs scored in the batch vs GPT2.score: worst difference {worst:.1e}")
+    assert worst < 1e-5
+    assert batch[3].prompt_scores is None

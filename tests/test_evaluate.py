@@ -249,7 +249,7 @@ def test_target_log_probs_are_normalised_and_exact():
     hidden = rng.standard_normal((300, 16), dtype=np.float32) * 4  # large logits: log-sum-exp must be careful
     wte = rng.standard_normal((1000, 16), dtype=np.float32)
     targets = rng.integers(0, 1000, 300)
-    log_probs, greedy = evaluate.target_log_probs(hidden, wte, targets, rows=64)
+    log_probs, greedy, _, _ = evaluate.target_log_probs(hidden, wte, targets, rows=64)
     expected = log_softmax64(hidden.astype(np.float64) @ wte.T.astype(np.float64))
     np.testing.assert_allclose(log_probs, expected[np.arange(300), targets], rtol=0, atol=2e-5)
     np.testing.assert_array_equal(greedy, (hidden @ wte.T).argmax(-1) == targets)
@@ -829,7 +829,7 @@ def test_multiple_choice_and_cbt_equal_the_uncached_path(small, tmp_path):
         for example in examples:
             context, continuations = cloze_choices(example)
             result = multiple_choice(small, context, continuations, prepend_eot=prepend_eot, progress=False)
-            old = [evaluate.scoring._continuation(small, context, c, prepend_eot=prepend_eot) for c in continuations]
+            old = [evaluate.methods._continuation(small, context, c, prepend_eot=prepend_eot) for c in continuations]
             old_scores = [float(lp.sum()) for lp, _ in evaluate.score_tokens(small, old, progress=False)]
             np.testing.assert_allclose(result["scores"], old_scores, rtol=0, atol=1e-4)
             assert result["best"] == int(np.argmax(old_scores))
@@ -843,7 +843,7 @@ def test_long_context_falls_back_to_the_left_cut(small):
     context = PROSE
     candidates = [" mat.", " dog and slept.", " roof"]
     result = multiple_choice(small, context, candidates, progress=False)
-    old = [evaluate.scoring._continuation(small, context, c, prepend_eot=False) for c in candidates]
+    old = [evaluate.methods._continuation(small, context, c, prepend_eot=False) for c in candidates]
     assert all(len(ids) == small.config.n_ctx for ids, _ in old)
     old_scores = [float(lp.sum()) for lp, _ in evaluate.score_tokens(small, old, progress=False)]
     np.testing.assert_allclose(result["scores"], old_scores, rtol=0, atol=1e-4)

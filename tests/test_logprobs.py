@@ -7,8 +7,8 @@ import pytest
 
 from gpt2np import GPT2, GPT2Config
 from gpt2np.engine import Engine, Row
-from gpt2np.evaluate.scoring import score_tokens
 from gpt2np.sampling import GenerationOptions, LogitAdjustments, OptionError, apply_count_penalties, next_token
+from gpt2np.scoring import score_tokens
 
 TOY = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_ctx=128)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gpt2np import GPT2, GPT2Config
-from gpt2np.evaluate.scoring import score_tokens
+from gpt2np.scoring import score_tokens
 
 openai = pytest.importorskip("openai")
 

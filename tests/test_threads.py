@@ -271,7 +271,7 @@ def test_a_model_pickles_with_its_thread_settings_and_gets_threads_of_its_own(pa
 
 @pytest.mark.parametrize("n, threads, multiple", [(50257, 2, 64), (768, 3, 64), (100, 2, 1), (5, 8, 1), (64, 4, 64)])
 def test_pieces_cover_the_range_once_cut_at_multiples(n, threads, multiple):
-    from gpt2np.model import pieces
+    from gpt2np.runner import pieces
 
     assert pieces(n, None, multiple=multiple) == [slice(0, n)]
     cut = pieces(n, Pool(threads), multiple=multiple)

@@ -22,7 +22,8 @@ Five kinds of task:
 
 The package:
 
-- `scoring`: log-probabilities of chosen tokens, batched and KV-cached, and the methods above;
+- `methods`: the methods above, on gpt2np.scoring's log-probabilities of chosen tokens (its
+  `score_tokens`, `sliding_windows` and `target_log_probs` are re-exported here);
 - `data`: reading the test files, the detokenizers, and LAMBADA's checksum-pinned download;
 - `summaries`: zero-shot summaries and their ROUGE (rouge-score, imported only when used);
 - `tasks`: the model card's table (`TASKS`) and `evaluate_task`, which runs one row of it;
@@ -31,6 +32,7 @@ The package:
 Everything a user calls is importable from `gpt2np.evaluate` itself.
 """
 
+from ..scoring import DEFAULT_BATCH_SIZE, DEFAULT_STRIDE, score_tokens, sliding_windows, target_log_probs
 from .command import build_parser, format_table, main
 from .data import (
     CLOZE_BLANK,
@@ -54,9 +56,7 @@ from .data import (
     read_text,
     wikitext_detokenize,
 )
-from .scoring import (
-    DEFAULT_BATCH_SIZE,
-    DEFAULT_STRIDE,
+from .methods import (
     cbt,
     cloze_choices,
     count_words,
@@ -66,10 +66,7 @@ from .scoring import (
     perplexity,
     score_continuations,
     score_lines,
-    score_tokens,
-    sliding_windows,
     split_last_word,
-    target_log_probs,
 )
 from .summaries import (
     PAPER_FIGURES,

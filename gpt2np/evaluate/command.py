@@ -8,8 +8,8 @@ import json
 import sys
 from collections.abc import Sequence
 
+from ..scoring import DEFAULT_BATCH_SIZE
 from .data import DETOKENIZERS
-from .scoring import DEFAULT_BATCH_SIZE
 from .summaries import format_summary_table
 from .tasks import TASKS, evaluate_task
 

@@ -38,8 +38,8 @@ from tqdm import tqdm
 from ..engine import check_fits
 from ..generation import run, text_rows
 from ..sampling import GenerationOptions, row_generators
+from ..scoring import DEFAULT_BATCH_SIZE
 from .data import SummaryExample
-from .scoring import DEFAULT_BATCH_SIZE
 
 PAPER_SUFFIX = "\nTL;DR:"
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")

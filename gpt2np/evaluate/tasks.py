@@ -7,6 +7,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..scoring import DEFAULT_BATCH_SIZE
 from .data import (
     LAMBADA_SOURCE,
     DataSource,
@@ -19,8 +20,7 @@ from .data import (
     read_lambada,
     read_text,
 )
-from .scoring import (
-    DEFAULT_BATCH_SIZE,
+from .methods import (
     _check_limit,
     cbt,
     count_words,

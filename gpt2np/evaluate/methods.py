@@ -1,24 +1,17 @@
-"""Scoring: the log-probability a model gives to chosen tokens, and the methods built on it.
+"""The methods of the model card's table, built on gpt2np.scoring's log-probs of chosen tokens.
 
-- `score_tokens` scores the tail of each sequence, the sequences right-padded into [B, L]
-  batches. Attention is causal, so a real position never sees the padding after it: padding
-  changes no score and is simply not read.
-- `score_continuations` scores several continuations of one shared context, the context run once
-  into a KV cache (`gpt2np.engine.continuation_states`), falling back to `score_tokens` for a
-  candidate that does not fit after the whole context.
-- Logits are computed only where a token is scored, a chunk of rows at a time (a full [L, V]
-  logits matrix is 200 MB for L = 1024), and log-softmax is a float32 log-sum-exp accumulated in
-  float64 (`target_log_probs`).
-- `perplexity` (sliding windows), `lambada` (the whole last word, greedily) and `multiple_choice`
-  / `cbt` (the most likely completion) are the methods of the model card's table.
+- `perplexity` (sliding windows over one text), `score_lines` / `line_perplexity` (each line its own
+  document, One Billion Word);
+- `lambada` (the whole last word, greedily), `score_continuations` (several continuations of one
+  shared context, the context run once into a KV cache through `gpt2np.engine.continuation_states`,
+  falling back to `score_tokens` for a candidate that does not fit after the whole context), and
+  `multiple_choice` / `cbt` (the most likely completion).
 
-Shape letters as in `gpt2np.model`: B batch, L positions of a padded batch, C channels,
-V vocabulary, N scored tokens.
+Shape letters as in `gpt2np.model`.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 from collections.abc import Iterable, Sequence
@@ -27,169 +20,22 @@ import numpy as np
 from tqdm import tqdm
 
 from .. import engine
-from ..model import lm_head, parallel
+from ..scoring import (
+    DEFAULT_BATCH_SIZE,
+    check_batch_size,
+    model_log_probs,
+    perplexity_figures,
+    safe_exp,
+    score_texts,
+    score_tokens,
+    sliding_windows,
+    text_ids,
+    window_options,
+)
 from .data import CLOZE_BLANK, DETOKENIZERS, ClozeExample, _check_detokenizer
-
-# Rows of logits computed at once: 256 x 50,257 float32 is 51 MB.
-LOGIT_ROWS = 256
-DEFAULT_BATCH_SIZE = 4
-DEFAULT_STRIDE = 512
-
-
-# --------------------------------------------------------------------------------------------
-# Scoring: log-probabilities of chosen tokens, batched
-
-
-def score_tokens(
-    model,
-    sequences: Sequence[tuple[Sequence[int], int]],
-    *,
-    batch_size: int = DEFAULT_BATCH_SIZE,
-    progress: bool = True,
-    desc: str = "scoring",
-    unit: str = "seq",
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Score the tail of each sequence: for `(ids, first)`, the tokens `ids[first:]`, each predicted
-    from every token before it in `ids`.
-
-    Returns, per sequence and in the input order, `(log_probs, greedy)`: float64 [n] natural-log
-    probabilities of the n = len(ids) - first scored tokens, and bool [n], True where the token is
-    the model's argmax (first maximum, as `argmax` breaks ties). Sequences are sorted by length and
-    run `batch_size` at a time; `progress` shows a bar on stderr (`desc`, counted in `unit`s), one
-    step per sequence.
-    """
-    _check_batch_size(batch_size)
-    for ids, first in sequences:
-        if not 1 <= first <= len(ids) - 1 or len(ids) > model.config.n_ctx:
-            raise ValueError(
-                f"cannot score a sequence of {len(ids)} tokens from token {first}: need 1 <= first < len(ids) "
-                f"<= {model.config.n_ctx} (the model's context)"
-            )
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i][0]))
-    results: list = [None] * len(sequences)
-    with tqdm(total=len(sequences), desc=desc, unit=unit, disable=not progress, file=sys.stderr, leave=False) as bar:
-        for start in range(0, len(order), batch_size):
-            batch = [sequences[i] for i in order[start : start + batch_size]]
-            for i, scored in zip(order[start : start + batch_size], _score_batch(model, batch)):
-                results[i] = scored
-            bar.update(len(batch))
-    return results
-
-
-def _score_batch(model, batch) -> list[tuple[np.ndarray, np.ndarray]]:
-    """One forward pass over right-padded sequences; logits only at the scored positions."""
-    B, L = len(batch), max(len(ids) for ids, _ in batch)
-    tokens = np.zeros((B, L), dtype=np.intp)  # padding id 0: its positions are never read
-    rows_b, rows_t, targets, counts = [], [], [], []
-    for b, (ids, first) in enumerate(batch):
-        ids = np.asarray(ids, dtype=np.intp)
-        tokens[b, : len(ids)] = ids
-        rows_b.append(np.full(len(ids) - first, b))
-        rows_t.append(np.arange(first - 1, len(ids) - 1))  # position t predicts token t + 1
-        targets.append(ids[first:])
-        counts.append(len(ids) - first)
-    x = engine.hidden_states(model, model.check_ids(tokens))  # [B, L, C]; right padding: causality hides it
-    hidden = x[np.concatenate(rows_b), np.concatenate(rows_t)]  # [N, C]
-    log_probs, greedy = model_log_probs(model, hidden, np.concatenate(targets))
-    splits = np.cumsum(counts)[:-1]
-    return list(zip(np.split(log_probs, splits), np.split(greedy, splits)))
-
-
-def model_log_probs(model, hidden, targets, *, alternatives=None):  # [N, C], [N] -> [N], [N]
-    """`target_log_probs` with the model's LM head, on the model's threads when there are enough rows."""
-    with model.threads.forward(len(hidden)) as pool:
-        return target_log_probs(hidden, model.lm_head_weight, targets, alternatives=alternatives, pool=pool)
-
-
-def target_log_probs(
-    hidden, wte, targets, *, rows: int = LOGIT_ROWS, alternatives=None, pool=None
-):  # [N, C], [V, C], [N] -> [N], [N]
-    """log softmax(hidden @ wte.T)[target] for each row, and whether the target is the argmax.
-
-    The log-sum-exp subtracts each row's maximum before exp (no overflow) and sums the float32
-    exponentials in float64, so the result carries float32's logits but no accumulation error.
-    `alternatives`, a pair of arrays ([N, k] ids, [N, k] float64), is filled with each row's k most
-    likely tokens and their log-probs (most likely first, equal logits by id), from the same logits.
-    With a pool, the blocks of `rows` rows (smaller, so that every thread has one) run on its threads.
-    """
-    N = len(targets)
-    log_probs, greedy = np.empty(N, dtype=np.float64), np.empty(N, dtype=bool)
-    if pool is not None:
-        rows = max(1, min(rows, -(-N // pool.n)))
-
-    def block(s):  # rows s..s+rows
-        logits = lm_head(hidden[s : s + rows], wte)  # [n, V]
-        n, target = len(logits), targets[s : s + rows]
-        rows_n = np.arange(n)
-        best = logits.argmax(axis=-1)  # [n]; one pass gives both the argmax and the maximum
-        greedy[s : s + n] = best == target  # argmax's tie rule: the first maximum wins
-        chosen = logits[rows_n, target]  # [n]
-        top = logits[rows_n, best]  # [n], the row maxima
-        if alternatives is not None:
-            _top_tokens(logits, alternatives[0][s : s + n], alternatives[1][s : s + n])
-        logits -= top[:, None]
-        np.exp(logits, out=logits)
-        log_sum = np.log(logits.sum(axis=-1, dtype=np.float64))  # log sum exp(logit - top)
-        log_probs[s : s + n] = chosen.astype(np.float64) - top - log_sum
-        if alternatives is not None:
-            alternatives[1][s : s + n] -= (top + log_sum)[:, None]
-
-    parallel(pool, block, range(0, N, rows))
-    return log_probs, greedy
-
-
-def _top_tokens(logits, ids_out, values_out) -> None:  # [n, V] -> [n, k] ids, [n, k] logits as float64
-    """The k largest logits of each row and their ids, largest first, equal logits by id."""
-    k = ids_out.shape[1]
-    if k == 0:
-        return
-    best = np.argpartition(-logits, k - 1, axis=-1)[:, :k] if k < logits.shape[1] else np.argsort(-logits, axis=-1)
-    for r, ids in enumerate(best):
-        ids = ids[np.lexsort((ids, -logits[r, ids]))]
-        ids_out[r], values_out[r] = ids, logits[r, ids]
-
-
-def score_ids(model, ids: Sequence[int], *, top: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every token of one sequence after the first, scored from the tokens before it, with the `top`
-    most likely tokens at each position: float64 [n - 1] log-probs, [n - 1, top] ids and
-    [n - 1, top] float64 log-probs. The same pass and figures as `score_tokens` for `(ids, 1)`."""
-    ids = model.check_ids(np.asarray(ids)[None])  # [1, n]
-    x = engine.hidden_states(model, ids)[0, :-1]  # [n - 1, C]: position t predicts token t + 1
-    alternatives = (np.zeros((len(x), top), dtype=np.intp), np.zeros((len(x), top), dtype=np.float64))
-    log_probs, _ = model_log_probs(model, x, ids[0, 1:], alternatives=alternatives)
-    return log_probs, *alternatives
-
 
 # --------------------------------------------------------------------------------------------
 # Perplexity with a sliding window
-
-
-def sliding_windows(n_tokens: int, *, max_length: int, stride: int) -> list[tuple[int, int, int]]:
-    """The windows `(begin, end, first)` that score tokens 1..n_tokens-1 exactly once.
-
-    Window k runs `ids[begin:end]` with `begin = k * stride` and `end = min(begin + max_length,
-    n_tokens)`, and scores the tokens `first..end-1` not scored by an earlier window (HuggingFace's
-    "perplexity of fixed-length models"). So each scored token sees at least `max_length - stride`
-    tokens of context, except in the first window. Token 0 has nothing before it and is never
-    scored. A token can only be predicted from a position before it, so windows overlap by at
-    least one token: `stride == max_length` advances by `max_length - 1` (disjoint scored
-    chunks of `max_length - 1` tokens, each with one token of context).
-    """
-    if max_length < 2:
-        raise ValueError(f"max_length must be >= 2 (a window needs one token of context), got {max_length}")
-    if not 1 <= stride <= max_length:
-        raise ValueError(
-            f"stride must be between 1 and max_length ({max_length}), got {stride}: a larger stride "
-            f"would skip the tokens between windows; pass stride={min(DEFAULT_STRIDE, max_length // 2) or 1}, "
-            f"or stride={max_length} for windows that do not overlap"
-        )
-    step = min(stride, max_length - 1)
-    windows, begin, first = [], 0, 1
-    while first < n_tokens:
-        end = min(begin + max_length, n_tokens)
-        windows.append((begin, end, first))
-        begin, first = begin + step, end
-    return windows
 
 
 def perplexity(
@@ -225,52 +71,23 @@ def perplexity(
     """
     if not isinstance(text, str):
         raise TypeError(f"perplexity() takes the text as a str, got {type(text).__name__}")
-    max_length = model.config.n_ctx if max_length is None else max_length
-    if max_length > model.config.n_ctx:
-        raise ValueError(
-            f"max_length ({max_length}) is longer than the model's context: pass max_length <= {model.config.n_ctx}"
-        )
-    stride = min(DEFAULT_STRIDE, max_length) if stride is None else stride
+    max_length, stride = window_options(model.config.n_ctx, max_length, stride)
     if limit is not None and words is not False:
         raise ValueError("words counts the whole text and limit scores only part of it: pass one of them, not both")
     n_words = _count_or_words(text, words)
-    ids = model.tokenizer.encode(text, disallowed_special=())
-    if limit is not None:
-        ids = ids[: _check_limit(limit)]
-    if prepend_eot:
-        ids = [model.tokenizer.eot_token] + ids
-    if len(ids) < 2:
-        raise ValueError(
-            f"the text has {len(ids)} token(s): at least 2 are needed (the first is context only), "
-            "or pass prepend_eot=True to score a one-token text"
-        )
-    windows = sliding_windows(len(ids), max_length=max_length, stride=stride)
-    id_array = np.asarray(ids, dtype=np.intp)  # windows are views into it, not copies
-    scored = score_tokens(
-        model,
-        [(id_array[begin:end], first - begin) for begin, end, first in windows],
-        batch_size=batch_size,
-        progress=progress,
-        desc="perplexity",
-        unit="window",
+    ids = text_ids(model.tokenizer, text, prepend_eot=prepend_eot, limit=None if limit is None else _check_limit(limit))
+    (log_probs,) = score_texts(
+        model, [ids], max_length=max_length, stride=stride, batch_size=batch_size, progress=progress, desc="perplexity"
     )
-    nll_sum = -sum(float(log_probs.sum()) for log_probs, _ in scored)
-    tokens = len(ids) - 1
-    n_bytes = len(model.tokenizer.decode_bytes(ids[1:]))
-    result = {
-        "ppl": _exp(nll_sum / tokens),
-        "nll": nll_sum / tokens,
-        "tokens": tokens,
-        "bytes": n_bytes,
-        "bits_per_byte": nll_sum / math.log(2) / n_bytes if n_bytes else math.nan,
-    }
+    log_prob_sum = float(log_probs.sum())
+    result = perplexity_figures(log_prob_sum, len(ids) - 1, len(model.tokenizer.decode_bytes(ids[1:])))
     if n_words is not None:
-        result |= {"words": n_words, "ppl_word": _exp(nll_sum / n_words)}
+        result |= {"words": n_words, "ppl_word": safe_exp(-log_prob_sum / n_words)}
     return result | {
         "max_length": max_length,
         "stride": stride,
         "prepend_eot": prepend_eot,
-        "windows": len(windows),
+        "windows": len(sliding_windows(len(ids), max_length=max_length, stride=stride)),
         "limit": limit,
     }
 
@@ -297,23 +114,16 @@ def score_lines(
     by `sliding_windows`, as `perplexity` scores a text. Returns, per line, the float64 natural-log
     probabilities of its scored tokens: what scoring that line alone gives.
     """
-    max_length, stride = _window_options(model, max_length, stride)
     eot = model.tokenizer.eot_token
-    sequences, owners = [], []
+    texts = []
     for n, line in enumerate(lines):
-        ids = np.asarray(
-            [eot, *model.tokenizer.encode(line, disallowed_special=()), *([eot] if eos else [])], dtype=np.intp
-        )
+        ids = [eot, *model.tokenizer.encode(line, disallowed_special=()), *([eot] if eos else [])]
         if len(ids) < 2:
             raise ValueError(f"line {n + 1} is empty: nothing to score (pass eos=True to score its end)")
-        for begin, end, first in sliding_windows(len(ids), max_length=max_length, stride=stride):
-            sequences.append((ids[begin:end], first - begin))
-            owners.append(n)
-    scored = score_tokens(model, sequences, batch_size=batch_size, progress=progress, desc="lines", unit="window")
-    per_line: list[list[np.ndarray]] = [[] for _ in lines]
-    for n, (log_probs, _) in zip(owners, scored):
-        per_line[n].append(log_probs)
-    return [np.concatenate(parts) for parts in per_line]
+        texts.append(ids)
+    return score_texts(
+        model, texts, max_length=max_length, stride=stride, batch_size=batch_size, progress=progress, desc="lines"
+    )
 
 
 def line_perplexity(
@@ -341,26 +151,16 @@ def line_perplexity(
         raise ValueError("no lines to score")
     if words is not None and (isinstance(words, bool) or not isinstance(words, int) or words < 1):
         raise ValueError(f"words must be a positive count, got {words!r}")
-    max_length, stride = _window_options(model, max_length, stride)
+    max_length, stride = window_options(model.config.n_ctx, max_length, stride)
     scored = score_lines(
         model, lines, eos=eos, max_length=max_length, stride=stride, batch_size=batch_size, progress=progress
     )
     nll_sum = -sum(float(log_probs.sum()) for log_probs in scored)
     tokens = sum(len(log_probs) for log_probs in scored)
-    result = {"ppl": _exp(nll_sum / tokens), "nll": nll_sum / tokens, "tokens": tokens, "lines": len(lines)}
+    result = {"ppl": safe_exp(nll_sum / tokens), "nll": nll_sum / tokens, "tokens": tokens, "lines": len(lines)}
     if words is not None:
-        result |= {"words": words, "ppl_word": _exp(nll_sum / words)}
+        result |= {"words": words, "ppl_word": safe_exp(nll_sum / words)}
     return result | {"eos": eos, "prepend_eot": True, "max_length": max_length, "stride": stride}
-
-
-def _window_options(model, max_length: int | None, stride: int | None) -> tuple[int, int]:
-    """`max_length` (default: the model's context, never longer) and `stride` (default: min(512, max_length))."""
-    max_length = model.config.n_ctx if max_length is None else max_length
-    if max_length > model.config.n_ctx:
-        raise ValueError(
-            f"max_length ({max_length}) is longer than the model's context: pass max_length <= {model.config.n_ctx}"
-        )
-    return max_length, min(DEFAULT_STRIDE, max_length) if stride is None else stride
 
 
 def _count_or_words(text: str, words: bool | int) -> int | None:
@@ -371,11 +171,6 @@ def _count_or_words(text: str, words: bool | int) -> int | None:
     if isinstance(n_words, bool) or not isinstance(n_words, int) or n_words < 1:
         raise ValueError(f"words must be True (count the text's words) or a positive count, got {words!r}")
     return n_words
-
-
-def _exp(x: float) -> float:
-    """exp, but inf instead of OverflowError (a random model's per-word perplexity can overflow)."""
-    return math.exp(x) if x < 709 else math.inf
 
 
 def count_words(text: str, *, eos_per_line: bool = False) -> int:
@@ -440,8 +235,8 @@ def lambada(
     return {
         "accuracy": float(np.mean([greedy.all() for _, greedy in scored])),
         "accuracy_last_token": float(np.mean([greedy[-1] for _, greedy in scored])),
-        "ppl": _exp(sum(nll) / tokens),
-        "ppl_word": _exp(sum(nll) / len(nll)),
+        "ppl": safe_exp(sum(nll) / tokens),
+        "ppl_word": safe_exp(sum(nll) / len(nll)),
         "nll": sum(nll) / tokens,
         "examples": len(scored),
         "tokens": tokens,
@@ -512,7 +307,7 @@ def score_continuations(
     fit in the model's context with the whole context before it is cut on the left differently from
     the others: it goes through `score_tokens` (`_continuation`'s cut) instead.
     """
-    _check_batch_size(batch_size)
+    check_batch_size(batch_size)
     n_ctx = model.config.n_ctx
     results: list[list] = [[None] * len(targets) for _, targets in groups]
     fallback, owners = [], []  # sequences too long to keep the whole context
@@ -545,7 +340,7 @@ def _score_cached(model, context_ids, targets, *, batch_size, bar) -> list[tuple
     results, done = [], 0
     for B, states in engine.continuation_states(model, context_ids, targets, batch_size=batch_size):
         batch = targets[done : done + B]
-        log_probs, greedy = model_log_probs(
+        log_probs, greedy, _, _ = model_log_probs(
             model, np.concatenate(states), np.concatenate([np.asarray(t, dtype=np.intp) for t in batch])
         )
         splits = np.cumsum([len(t) for t in batch])[:-1]
@@ -631,11 +426,6 @@ def cbt(
         "detokenizer": detokenizer,
         "prepend_eot": prepend_eot,
     }
-
-
-def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def _check_limit(limit) -> int:

@@ -196,3 +196,34 @@ def test_training_is_deterministic(tmp_path):
         assert np.array_equal(saved[0][name].view(np.uint16), saved[1][name].view(np.uint16)), name
     first = json.loads((tmp_path / "a" / "training.json").read_text())
     assert first["log"][-1]["loss"] < first["log"][0]["loss"]  # three steps already learn something
+
+
+def test_the_built_wheel_carries_the_model(tmp_path):
+    """`pip wheel .` puts the checkpoint, its tokenizer files and its card in the package."""
+    import zipfile
+
+    built = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if built.returncode != 0 and "No module named" in built.stderr:
+        pytest.skip(f"cannot build a wheel here: {built.stderr.strip().splitlines()[-1]}")
+    assert built.returncode == 0, built.stderr
+    (wheel,) = tmp_path.glob("gpt2np-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for name in ("config.json", "model.safetensors", "vocab.json", "merges.txt", "README.md", "training.json"):
+        assert f"gpt2np/models/tiny/{name}" in names, name
+    print(f"wheel: {wheel.stat().st_size / 1e6:.1f} MB")

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from .engine import check_fits
 from .generation import RowText, prepare_prompts
+from .httperrors import HTTPError, http_error
 from .jobs import Job, JobRow
 from .request import RequestError, check_prompt_bytes, read_json
 from .sampling import GenerationOptions, LogitAdjustments, OptionError, check_logprobs, check_seed, row_generators
@@ -72,12 +73,11 @@ NO_CHAT = (
 )
 
 
-class CompletionError(Exception):
+class CompletionError(HTTPError):
     """A request the API refuses: its HTTP status and OpenAI's error fields (`param` names the field)."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        super().__init__(status, message, param=param, code=code)
 
 
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
@@ -615,8 +615,7 @@ class CompletionStream:
         with job.changed:
             self._seen = job.changes
             if job.error is not None:
-                self.ended = self.failed = True
-                return event(error_body(job.error.status, job.error.message))
+                return self.fail(http_error(job.error))
             for row in job.rows:
                 out += self._piece(row)
             self.ended = all(row.reported for row in job.rows)
@@ -635,9 +634,10 @@ class CompletionStream:
         logprobs = _logprobs_body(_shifted(entries, shift)) if self.request.logprobs is not None else None
         return event(self.answer.body([self.answer.choice(row.index, piece, logprobs, finish)]))
 
-    def fail(self, status: int, message: str) -> bytes:
+    def fail(self, error: HTTPError) -> bytes:
+        """The event that ends a stream whose job failed (OpenAI's error shape; no [DONE] follows)."""
         self.ended = self.failed = True
-        return event(error_body(status, message))
+        return event(error_body(error.status, error.message, error.param, error.code))
 
     def close(self) -> bytes:
         """The usage (when asked) and `data: [DONE]`; nothing after an error."""

@@ -156,7 +156,7 @@ def parse_completion(
     logprobs = _field(data, "logprobs", _is_integer, "an integer or null")
     try:
         logprobs, seed = check_logprobs(logprobs), check_seed(_field(data, "seed", _is_integer, "an integer or null"))
-        options, adjust = _options(data, max_tokens), _adjustments(data)
+        options, adjust = _options(data, max_tokens), _adjustments(data, model.config.vocab_size)
     except OptionError as e:
         raise _bad("max_tokens" if e.field == "max_new_tokens" else e.field, e.rule) from None
     _check_size(data.get("prompt"), n, model.config.n_ctx, max_prompts, max_token_bytes)
@@ -190,7 +190,7 @@ def _check_keys(data: dict, served: str) -> None:
     if model != served:
         message = f"the model {_shown(model)} does not exist here; this server serves {_shown(served)}"
         raise CompletionError(404, message, param="model", code="model_not_found")
-    if data.get("best_of") not in (None, 1):
+    if _field(data, "best_of", _is_integer, "an integer or null") not in (None, 1):
         raise _bad("best_of", "is not supported: ask for n choices with logprobs and rank them yourself")
     if data.get("suffix") not in (None, ""):
         raise _bad("suffix", "is not supported: GPT-2 continues text and cannot insert it before a suffix")
@@ -285,13 +285,19 @@ def _options(data: dict, max_tokens: int) -> GenerationOptions | None:
     )
 
 
-def _adjustments(data: dict) -> LogitAdjustments:
+def _adjustments(data: dict, vocab_size: int) -> LogitAdjustments:
     bias = _field(data, "logit_bias", lambda v: isinstance(v, dict), "an object of token ids to numbers", {})
     pairs = []
     for key, value in bias.items():
         if not (key.isascii() and key.isdigit()) or not _is_number(value):
             raise _bad("logit_bias", f"must map token ids (as strings) to numbers, got {_shown({key: value})}")
-        pairs.append((int(key), value))
+        # The range is checked on the digits before int() reads them: Python refuses to convert a
+        # string of more than 4,300 digits (a ValueError), and no token id has more than a few.
+        digits = key.lstrip("0") or "0"  # leading zeros count towards Python's limit too
+        if len(digits) > len(str(vocab_size)) or int(digits) >= vocab_size:
+            shown = key if len(key) <= 20 else f"a key of {len(key)} digits"
+            raise _bad("logit_bias", f"token ids must be in [0, {vocab_size}), got {shown}")
+        pairs.append((int(digits), value))
     penalties = [_field(data, name, _is_number, "a number", 0.0) for name in ("presence_penalty", "frequency_penalty")]
     return LogitAdjustments(*penalties, tuple(pairs))
 
@@ -307,10 +313,7 @@ def _include_usage(data: dict, stream: bool) -> bool:
 
 def _check_lengths(request: CompletionRequest, model) -> None:
     """Each prompt with max_tokens must fit the context (engine.check_fits; echo alone needs the prompt to fit)."""
-    n_ctx, vocab = model.config.n_ctx, model.config.vocab_size
-    bad = [t for t, _ in request.adjust.logit_bias if t >= vocab]
-    if bad:
-        raise _bad("logit_bias", f"token ids must be in [0, {vocab}), got {bad[0]}")
+    n_ctx = model.config.n_ctx
     for i, ids in enumerate(request.prompts):
         what = "prompt" if len(request.prompts) == 1 else f"prompt[{i}]"
         try:

@@ -388,17 +388,20 @@ class ModelHandler(BaseHTTPRequestHandler):
             raise HTTPError(411, "chunked bodies are not supported; send a Content-Length")
         if "Content-Length" not in self.headers:
             raise HTTPError(411, "the request has no Content-Length; send the body's size in bytes as Content-Length")
-        text = self.headers["Content-Length"]
-        if not (text.strip().isascii() and text.strip().isdigit()):
-            raise HTTPError(400, f"Content-Length must be a non-negative integer, got {text!r}")
-        length = int(text)
-        if length > self.server.max_body_bytes:
+        text = self.headers["Content-Length"].strip()
+        if not (text.isascii() and text.isdigit()):
+            shown = repr(text) if len(text) <= 40 else f"{text[:40]!r}..."
+            raise HTTPError(400, f"Content-Length must be a non-negative integer, got {shown}")
+        # Compared as digits before int() reads them: Python refuses strings of over 4,300 digits.
+        digits, limit = text.lstrip("0") or "0", self.server.max_body_bytes
+        if len(digits) > len(str(limit)) or int(digits) > limit:
+            size = digits if len(digits) <= 40 else f"a {len(digits)}-digit number of"
             raise HTTPError(
                 413,
-                f"the body is {length} bytes; this server takes at most {self.server.max_body_bytes} "
+                f"the body is {size} bytes; this server takes at most {limit} "
                 "(its --max-body-bytes): send fewer prompts per request",
             )
-        return length
+        return int(digits)
 
     def _read_body(self) -> bytes:
         """The body, which must arrive by the request's read deadline (else 408). A UTF-8 byte order
@@ -432,7 +435,7 @@ class ModelHandler(BaseHTTPRequestHandler):
             name, _ = self.server.app.route(self.command, self._path())
             if self.server.app.takes_body(name):
                 self._check_headers()
-        except HTTPError as e:
+        except Exception as e:  # an HTTPError, or a bug: answered (a 500) rather than a dropped connection
             self._begin()
             self._reply(error_answer(self._path(), e))
             return False
@@ -520,10 +523,16 @@ class ModelHandler(BaseHTTPRequestHandler):
         self.server.log(line + (f" error={detail}" if detail else ""))
 
     def send_error(self, code, message=None, explain=None):
-        """Malformed requests (bad request line, headers too long, ...) get a JSON error too."""
+        """Malformed requests (bad request line, headers too long, ...) get a JSON error too. A request
+        line that names an HTTP version http.server cannot read (`HTTP/1.99999...`) is answered in
+        HTTP/1.1's framing, not HTTP/0.9's bare body, and the message quotes at most 200 characters."""
         self._begin()
         self.close_connection = True
-        self._reply(error_answer(self._path(), HTTPError(code, message or HTTPStatus(code).phrase)))
+        if self.request_version == "HTTP/0.9" and len(getattr(self, "requestline", "").split()) >= 3:
+            self.request_version = "HTTP/1.1"  # it asked for a version with headers, if not one we read
+        message = message or HTTPStatus(code).phrase
+        message = message if len(message) <= 200 else message[:197] + "..."
+        self._reply(error_answer(self._path(), HTTPError(code, message)))
 
     def log_message(self, format, *args):
         """Silence http.server's own log: `_log_request` writes one line per request instead."""

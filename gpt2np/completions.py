@@ -98,8 +98,10 @@ def _shown(value, limit: int = 60) -> str:
 # ---------------------------------------------------------------------------------------- the request
 @dataclass(frozen=True)
 class CompletionRequest:
-    """A checked request: each prompt's ids, and how to continue them."""
+    """A checked request: the served name it asked for (its answers carry it), each prompt's ids, and
+    how to continue them."""
 
+    model: str
     prompts: list[list[int]]
     max_tokens: int
     options: GenerationOptions | None  # None when max_tokens is 0 (echo only)
@@ -134,7 +136,7 @@ def parse_completion(
     body: bytes,
     model,
     *,
-    served: str,
+    served: Sequence[str],
     max_tokens_cap: int | None = None,
     max_prompts: int | None = None,
     max_token_bytes: int | None = None,
@@ -162,6 +164,7 @@ def parse_completion(
     _check_size(data.get("prompt"), n, model.config.n_ctx, max_prompts, max_token_bytes)
     prompts = _prompts(data.get("prompt"), model)  # tokenized last: a request refused for its fields costs little
     request = CompletionRequest(
+        data["model"],
         prompts,
         max_tokens,
         options,
@@ -177,7 +180,14 @@ def parse_completion(
     return request
 
 
-def _check_keys(data: dict, served: str) -> None:
+def unknown_model(name, served: Sequence[str]) -> CompletionError:
+    """The 404 for a model this server does not serve (OpenAI's code, `model_not_found`)."""
+    names = ", ".join(_shown(n) for n in served)
+    message = f"the model {_shown(name)} does not exist here; this server serves {names}"
+    return CompletionError(404, message, param="model", code="model_not_found")
+
+
+def _check_keys(data: dict, served: Sequence[str]) -> None:
     """Unknown fields, the model, and the fields this server does not implement."""
     unknown = [k for k in data if k not in FIELDS]
     if unknown:
@@ -186,10 +196,10 @@ def _check_keys(data: dict, served: str) -> None:
         )
     model = data.get("model")
     if not isinstance(model, str):
-        raise _bad("model", f"must be the served model's name, {_shown(served)} (GET /v1/models), got {_shown(model)}")
-    if model != served:
-        message = f"the model {_shown(model)} does not exist here; this server serves {_shown(served)}"
-        raise CompletionError(404, message, param="model", code="model_not_found")
+        names = " or ".join(_shown(n) for n in served)
+        raise _bad("model", f"must be the served model's name, {names} (GET /v1/models), got {_shown(model)}")
+    if model not in served:
+        raise unknown_model(model, served)
     if _field(data, "best_of", _is_integer, "an integer or null") not in (None, 1):
         raise _bad("best_of", "is not supported: ask for n choices with logprobs and rank them yourself")
     if data.get("suffix") not in (None, ""):
@@ -462,18 +472,22 @@ class CompletionJob(Job):
 
 # ---------------------------------------------------------------------------------------- answers
 class CompletionsAPI:
-    """The completions API of one served model: requests checked, jobs made, answers built."""
+    """The completions API of one served model, under one or more names (`--served-model-name`; the
+    first is the one /health shows): requests checked, jobs made, answers built."""
 
     def __init__(
         self,
         model,
-        model_name: str,
+        model_names: str | Sequence[str],
         *,
         max_tokens_cap: int | None = None,
         max_prompts: int | None = None,
         max_token_bytes: int | None = None,
     ):
-        self.model, self.model_name, self.max_tokens_cap = model, model_name, max_tokens_cap
+        self.model_names = (model_names,) if isinstance(model_names, str) else tuple(dict.fromkeys(model_names))
+        if not self.model_names:
+            raise ValueError("a served model needs at least one name")
+        self.model, self.max_tokens_cap = model, max_tokens_cap
         self.max_prompts, self.max_token_bytes = max_prompts, max_token_bytes
         self.created = int(time.time())
         self._scoring = threading.Lock()
@@ -482,7 +496,7 @@ class CompletionsAPI:
         return parse_completion(
             body,
             self.model,
-            served=self.model_name,
+            served=self.model_names,
             max_tokens_cap=self.max_tokens_cap,
             max_prompts=self.max_prompts,
             max_token_bytes=self.max_token_bytes,
@@ -501,12 +515,21 @@ class CompletionsAPI:
         return None if request.options is None else CompletionJob(request, self.model)
 
     def models(self) -> dict:
-        card = {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "gpt2np"}
-        return {"object": "list", "data": [card]}
+        """GET /v1/models: every name the model is served under."""
+        return {"object": "list", "data": [self._card(name) for name in self.model_names]}
+
+    def model_card(self, name: str) -> dict:
+        """GET /v1/models/{name}: the model object, or a 404 in OpenAI's shape for a name not served."""
+        if name not in self.model_names:
+            raise unknown_model(name, self.model_names)
+        return self._card(name)
+
+    def _card(self, name: str) -> dict:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "gpt2np"}
 
     def answer(self, request: CompletionRequest, job: CompletionJob | None, parts: list[PromptPart]) -> dict:
         """The whole response, once the job is done."""
-        answer = _Answer(self.model_name)
+        answer = _Answer(request.model)
         echoed = [part.text if request.echo else "" for part in parts]
         choices = [
             answer.choice(
@@ -523,7 +546,7 @@ class CompletionsAPI:
     def stream(
         self, request: CompletionRequest, job: CompletionJob | None, parts: list[PromptPart]
     ) -> CompletionStream:
-        return CompletionStream(request, job, parts, _Answer(self.model_name))
+        return CompletionStream(request, job, parts, _Answer(request.model))
 
 
 def _rows_of(job: CompletionJob | None, i: int, n: int) -> list:

@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -110,7 +111,7 @@ class ModelServer(ThreadingHTTPServer):
         address,
         model,
         *,
-        model_name: str,
+        model_name: str | Sequence[str],
         limits: Limits | None = None,
         max_batch_size=DEFAULT_MAX_BATCH_SIZE,
         max_queue=DEFAULT_MAX_QUEUE,
@@ -132,7 +133,7 @@ class ModelServer(ThreadingHTTPServer):
             max_prompts=limits.max_prompts,
         )
         self.app.start()
-        self.model, self.model_name, self.scheduler = model, model_name, self.app.scheduler
+        self.model, self.model_name, self.scheduler = model, self.app.model_name, self.app.scheduler
         self.timeout_seconds, self.max_body_bytes = timeout, max_body_bytes
         self.read_timeout, self.max_connections = limits.read_timeout, limits.max_connections
         self._log, self._log_lock = log, threading.Lock()

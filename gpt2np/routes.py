@@ -24,8 +24,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from urllib.parse import unquote
 
 from .completions import NO_CHAT, CompletionsAPI, CompletionStream, error_body
 from .generation import prepare_prompts
@@ -39,13 +40,16 @@ DEFAULT_TIMEOUT = 300.0  # seconds from arrival to answer
 DEFAULT_MAX_PROMPTS = 256  # prompts in one request
 DISCONNECT_POLL = 0.2  # seconds between two checks that a waiting client is still connected
 
-# (method, path) -> the App's method that answers it.
+# (method, path) -> the App's method that answers it. A path ending in `{id}` matches any non-empty
+# rest of the path (percent-decoded, slashes included: hub names hold one), given to the route as
+# `call.params["id"]`.
 ROUTES = {
     ("POST", "/score"): "card_generate",
     ("GET", "/"): "liveness",
     ("GET", "/health"): "health",
     ("POST", "/v1/completions"): "completions",
     ("GET", "/v1/models"): "models",
+    ("GET", "/v1/models/{id}"): "retrieve_model",
     ("POST", "/v1/chat/completions"): "chat_completions",
     ("HEAD", "/"): "liveness",
     ("HEAD", "/health"): "health",
@@ -113,6 +117,15 @@ class Call:
                 job.fail(ClientGone())
 
 
+def match(path: str) -> tuple[str, dict[str, str]]:
+    """The route pattern a path falls under (the path itself when no pattern takes it), and its parts."""
+    for _, pattern in ROUTES:
+        prefix = pattern.removesuffix("{id}")
+        if prefix != pattern and path.startswith(prefix) and len(path) > len(prefix):
+            return pattern, {"id": unquote(path[len(prefix) :])}
+    return path, {}
+
+
 def route_list() -> str:
     """The routes, as a 404 names them."""
     names = [f"{method} {path}" for method, path in ROUTES if method != "HEAD"]
@@ -125,7 +138,7 @@ class App:
     def __init__(
         self,
         model,
-        model_name: str,
+        model_name: str | Sequence[str],
         *,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue: int = DEFAULT_MAX_QUEUE,
@@ -134,7 +147,7 @@ class App:
         max_new_tokens_cap: int | None = None,
         max_prompts: int = DEFAULT_MAX_PROMPTS,
     ):
-        self.model, self.model_name = model, model_name
+        self.model = model
         self.timeout, self.max_new_tokens_cap, self.max_prompts = timeout, max_new_tokens_cap, max_prompts
         self.scheduler = Scheduler(
             model, max_batch_size=max_batch_size, max_queue=max_queue, prefill_chunk=prefill_chunk
@@ -147,6 +160,8 @@ class App:
             max_prompts=max_prompts,
             max_token_bytes=self.max_token_bytes,
         )
+        self.model_names = self.openai.model_names  # the names it is served under, once each
+        self.model_name = self.model_names[0]  # the one /health shows
         self.tokenizing = threading.Lock()  # one request tokenizes at a time: the worker shares the GIL with one
 
     def start(self) -> None:
@@ -155,10 +170,11 @@ class App:
     # -- dispatch
     def route(self, method: str, path: str) -> tuple[str, dict[str, str]]:
         """The route's name and the parts of the path it names; a 404 or 405 when none answers."""
-        name = ROUTES.get((method, path))
+        pattern, params = match(path)
+        name = ROUTES.get((method, pattern))
         if name:
-            return name, {}
-        allowed = [m for m, p in ROUTES if p == path]
+            return name, params
+        allowed = [m for m, p in ROUTES if p == pattern]
         if allowed:
             raise HTTPError(
                 405,
@@ -221,6 +237,10 @@ class App:
     # -- OpenAI's API (gpt2np.completions holds its schema and answers)
     def models(self, call: Call) -> Answer:
         return Answer(200, json.dumps(self.openai.models()).encode())
+
+    def retrieve_model(self, call: Call) -> Answer:
+        """GET /v1/models/{id}: OpenAI's retrieve-model."""
+        return Answer(200, json.dumps(self.openai.model_card(call.params["id"])).encode())
 
     def chat_completions(self, call: Call) -> Answer:
         raise HTTPError(404, NO_CHAT, code="chat_not_supported")

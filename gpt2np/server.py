@@ -36,11 +36,20 @@ from .console import (
     wants_debug,
 )
 from .httpd import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_CONNECTIONS, DEFAULT_READ_TIMEOUT, Limits, ModelServer
-from .routes import DEFAULT_MAX_PROMPTS, DEFAULT_TIMEOUT
+from .routes import DEFAULT_MAX_PROMPTS, DEFAULT_TIMEOUT, route_list
 from .scheduler import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5001
+
+
+def served_name(text: str) -> str:
+    """A --served-model-name: what clients send as `model` (and a path part of GET /v1/models/{id})."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) < 0xA0 for c in text):
+        raise argparse.ArgumentTypeError(f"must not hold control characters, got {text!r}")
+    return text
 
 
 def public_name(model: str) -> str:
@@ -59,6 +68,15 @@ def build_parser(prog: str = "gpt2np serve") -> argparse.ArgumentParser:
         "while the model is busy join the running batch.",
     )
     parser.add_argument("--model", default="gpt2", help="checkpoint folder or hub repo id (default: gpt2)")
+    parser.add_argument(
+        "--served-model-name",
+        nargs="+",
+        action="extend",
+        type=served_name,
+        metavar="NAME",
+        help="the name(s) /v1/models lists and the model field of /v1/completions accepts; repeatable, the "
+        "first is the one /health shows (default: --model, a local folder by its last component)",
+    )
     parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default: {DEFAULT_HOST})")
     parser.add_argument(
         "--port", type=port_number, default=DEFAULT_PORT, help=f"default: {DEFAULT_PORT}; 0 picks a free one"
@@ -137,10 +155,8 @@ def serve_until_signalled(server: ModelServer) -> None:
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True).start()
-        server.log(
-            f"serving {server.model_name} on {server.url} (POST /score, GET /, GET /health, "
-            "POST /v1/completions, GET /v1/models)"
-        )
+        names = ", ".join(server.app.model_names)
+        server.log(f"serving {names} on {server.url} ({route_list()})")
         while not stop.wait(0.5):
             pass
         waiting, rows = server.scheduler.depth()
@@ -173,7 +189,7 @@ def serve(argv: list[str], *, prog: str) -> int:
         server = ModelServer(
             (args.host, args.port),
             model,
-            model_name=public_name(args.model),
+            model_name=args.served_model_name or [public_name(args.model)],
             limits=limits,
             max_batch_size=args.max_batch_size,
             max_queue=args.max_queue,

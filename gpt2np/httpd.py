@@ -37,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
 from .httperrors import CLIENT_CLOSED, HTTPError, internal_error
+from .metrics import OTHER_ROUTE
 from .routes import (
     DEFAULT_MAX_PROMPTS,
     DEFAULT_TIMEOUT,
@@ -195,6 +196,7 @@ class ModelServer(ThreadingHTTPServer):
         except OSError:
             pass
         self.log(f"{client_address[0]} - - 503 prompts=0 new_tokens=0 0.000s error=too many open connections")
+        self.app.metrics.request(OTHER_ROUTE, 503)
         self.shutdown_request(request)
 
     def set_idle(self, handler: ModelHandler, idle: bool) -> None:
@@ -301,6 +303,7 @@ class ModelHandler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         self._begin()
         app, path = self.server.app, self._path()
+        self._route_label = app.route_label(path)
         with self.server.in_flight():  # a graceful stop waits until the answer is written
             try:
                 name, params = app.route(self.command, path)
@@ -328,6 +331,7 @@ class ModelHandler(BaseHTTPRequestHandler):
         self._started = time.monotonic()
         self._call: Call | None = None
         self._body_read = False
+        self._route_label = OTHER_ROUTE
 
     def _path(self) -> str:
         return urlsplit(getattr(self, "path", "") or "").path
@@ -522,6 +526,7 @@ class ModelHandler(BaseHTTPRequestHandler):
             f"prompts={prompts} new_tokens={new_tokens} {seconds:.3f}s"
         )
         self.server.log(line + (f" error={detail}" if detail else ""))
+        self.server.app.metrics.request(getattr(self, "_route_label", OTHER_ROUTE), status)
 
     def send_error(self, code, message=None, explain=None):
         """Malformed requests (bad request line, headers too long, ...) get a JSON error too. A request

@@ -32,6 +32,7 @@ from .completions import NO_CHAT, CompletionsAPI, CompletionStream, error_body
 from .generation import prepare_prompts
 from .httperrors import CLIENT_CLOSED, HTTPError, http_error, internal_error
 from .jobs import ClientGone, Job, JobError, TimedOut
+from .metrics import OTHER_ROUTE, ServerMetrics
 from .modelcard import CardJob, card_answer, check_lengths, check_size, parse_card_request
 from .request import longest_token_bytes
 from .scheduler import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_QUEUE, DEFAULT_PREFILL_CHUNK, Scheduler
@@ -51,6 +52,7 @@ ROUTES = {
     ("GET", "/v1/models"): "models",
     ("GET", "/v1/models/{id}"): "retrieve_model",
     ("POST", "/v1/chat/completions"): "chat_completions",
+    ("GET", "/metrics"): "export_metrics",
     ("HEAD", "/"): "liveness",
     ("HEAD", "/health"): "health",
 }
@@ -162,6 +164,7 @@ class App:
         )
         self.model_names = self.openai.model_names  # the names it is served under, once each
         self.model_name = self.model_names[0]  # the one /health shows
+        self.metrics = ServerMetrics(self.scheduler)
         self.tokenizing = threading.Lock()  # one request tokenizes at a time: the worker shares the GIL with one
 
     def start(self) -> None:
@@ -186,6 +189,12 @@ class App:
     @staticmethod
     def takes_body(name: str) -> bool:
         return name in BODY_ROUTES
+
+    @staticmethod
+    def route_label(path: str) -> str:
+        """The path as the metrics name it: its route's pattern, or `other` when no route has it."""
+        pattern, _ = match(path)
+        return pattern if any(p == pattern for _, p in ROUTES) else OTHER_ROUTE
 
     def serve(self, name: str, call: Call) -> Answer | Stream:
         """The route's answer; an error (the client's, the scheduler's or a failure inside) is an answer too."""
@@ -227,7 +236,9 @@ class App:
         check_lengths(request, ids, model.config.n_ctx, self.max_new_tokens_cap)
         job = CardJob(prompts, ids, request.options, request.seed, request.return_full_text, model)
         self._submit(job)
+        self.metrics.prompts(ids)
         call.wait(job)
+        self.metrics.job_ended(job)
         call.new_tokens = job.new_tokens
         if job.error is not None:
             raise http_error(job.error)
@@ -245,6 +256,12 @@ class App:
     def chat_completions(self, call: Call) -> Answer:
         raise HTTPError(404, NO_CHAT, code="chat_not_supported")
 
+    # -- operations
+    def export_metrics(self, call: Call) -> Answer:
+        """GET /metrics: Prometheus' text format (gpt2np.metrics)."""
+        body, content_type = self.metrics.exposition()
+        return Answer(200, body, content_type)
+
     def completions(self, call: Call) -> Answer | Stream:
         api = self.openai
         with self.tokenizing:  # parsing tokenizes the prompts: one request at a time
@@ -254,12 +271,14 @@ class App:
         job = api.job(request)
         if job is not None:
             self._submit(job)
+        self.metrics.prompts(request.prompts)
         if request.stream:
             stream = Stream(iter(()))
             stream.chunks = self._events(api.stream(request, job, parts), call, stream)
             return stream
         if job is not None:
             call.wait(job)
+            self.metrics.job_ended(job)
             call.new_tokens = job.new_tokens
             if job.error is not None:
                 raise http_error(job.error)
@@ -290,6 +309,7 @@ class App:
             if job is not None:
                 if job.fail(ClientGone()):  # closed by the front end before the job ended
                     out.status = CLIENT_CLOSED
+                self.metrics.job_ended(job)
                 call.new_tokens = job.new_tokens
 
 

@@ -2,7 +2,6 @@
 end would call them), the scheduler's own errors, and the one table that turns them into answers."""
 
 import json
-import threading
 import time
 
 import pytest
@@ -86,11 +85,12 @@ def test_a_front_end_that_closes_a_stream_frees_its_rows(app):
 
 
 def test_a_client_that_leaves_while_waiting_is_a_499_answer(app):
-    gone = threading.Event()
-    body = {"input_data": ["Once"], "params": {"max_new_tokens": 100, "ignore_eos": True, "do_sample": False}}
-    threading.Timer(0.3, gone.set).start()
-    answer = post(app, "/score", body, client_gone=gone.is_set, poll=0.05)
+    """40 rows of 100 tokens on a batch of four: far longer than the first look at the client."""
+    body = {"input_data": ["Once"] * 40, "params": {"max_new_tokens": 100, "ignore_eos": True, "do_sample": False}}
+    looks = []
+    answer = post(app, "/score", body, client_gone=lambda: looks.append(1) or True, poll=0.05)
     assert answer.status == CLIENT_CLOSED and answer.detail == "the client closed the connection"
+    assert len(looks) == 1  # it failed the job at the first look
 
 
 def test_routes_and_methods(app):

@@ -28,7 +28,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote
 
-from .completions import NO_CHAT, CompletionsAPI, CompletionStream, error_body
+from .completionrequest import NO_CHAT, error_body
+from .completions import CompletionsAPI, CompletionStream
 from .generation import prepare_prompts
 from .httperrors import CLIENT_CLOSED, HTTPError, http_error, internal_error
 from .jobs import ClientGone, Job, JobError, TimedOut
@@ -245,7 +246,7 @@ class App:
         body, headers = card_answer(job)
         return Answer(200, body, headers=headers)
 
-    # -- OpenAI's API (gpt2np.completions holds its schema and answers)
+    # -- OpenAI's API (gpt2np.completionrequest holds its schema, gpt2np.completions its answers)
     def models(self, call: Call) -> Answer:
         return Answer(200, json.dumps(self.openai.models()).encode())
 

@@ -5,7 +5,8 @@ the model, listening, the graceful stop); the server itself is in rooms of its o
 - gpt2np.httpd: connections, parsing, limits, deadlines, the connection cap, the request log;
 - gpt2np.routes: each route as a plain method of `App`, which another front end can call;
 - gpt2np.modelcard: `POST /score`, the model card's request generating text (`CardJob`);
-- gpt2np.completions: OpenAI's `POST /v1/completions` (`CompletionJob`) and `GET /v1/models`;
+- gpt2np.completionrequest and gpt2np.completions: OpenAI's `POST /v1/completions` (its schema;
+  `CompletionJob` and the answers) and `GET /v1/models`;
 - gpt2np.scheduler and gpt2np.jobs: one worker thread stepping one `Engine` for every job;
 - gpt2np.httperrors: `HTTPError` and the one table from the scheduler's errors to statuses.
 

@@ -102,7 +102,8 @@ def printable(text: str) -> str:
 
 class ModelServer(ThreadingHTTPServer):
     """A model served over HTTP: connections, limits and the request log here, the routes in `app`
-    (gpt2np.routes), generation in its scheduler."""
+    (gpt2np.routes), generation in its scheduler. `model_name` is the name clients send as `model`,
+    or several (`--served-model-name`; the first is the one /health shows)."""
 
     daemon_threads = True  # an idle keep-alive connection does not hold the process at exit
     request_queue_size = 128  # connections waiting to be accepted (socketserver's default is 5)
@@ -123,16 +124,20 @@ class ModelServer(ThreadingHTTPServer):
     ):
         limits = limits or Limits()
         super().__init__(address, ModelHandler)
-        self.app = App(
-            model,
-            model_name,
-            max_batch_size=max_batch_size,
-            max_queue=max_queue,
-            prefill_chunk=limits.prefill_chunk,
-            timeout=timeout,
-            max_new_tokens_cap=max_new_tokens_cap,
-            max_prompts=limits.max_prompts,
-        )
+        try:
+            self.app = App(
+                model,
+                model_name,
+                max_batch_size=max_batch_size,
+                max_queue=max_queue,
+                prefill_chunk=limits.prefill_chunk,
+                timeout=timeout,
+                max_new_tokens_cap=max_new_tokens_cap,
+                max_prompts=limits.max_prompts,
+            )
+        except BaseException:  # no name, say: the listening socket must not stay open
+            self.server_close()
+            raise
         self.app.start()
         self.model, self.model_name, self.scheduler = model, self.app.model_name, self.app.scheduler
         self.timeout_seconds, self.max_body_bytes = timeout, max_body_bytes

@@ -93,6 +93,11 @@ def test_a_client_that_leaves_while_waiting_is_a_499_answer(app):
     assert len(looks) == 1  # it failed the job at the first look
 
 
+def test_a_model_needs_a_name(toy_model):
+    with pytest.raises(ValueError, match="at least one name"):
+        App(toy_model, [])
+
+
 def test_routes_and_methods(app):
     assert app.route("GET", "/health") == ("health", {})
     with pytest.raises(HTTPError) as caught:

@@ -298,7 +298,7 @@ class App:
                 yield stream.take()
                 if stream.ended:
                     break
-                if call.expired() and job.fail(TimedOut(self.timeout)):
+                if call.expired() and job.fail(TimedOut(call.timeout)):
                     out.status = 504
                     yield stream.fail(http_error(job.error))
                 elif call.client_gone():

@@ -297,8 +297,14 @@ def resolve_model(name: str, *, revision: str, cache_dir: str | None, progress: 
 
 
 def build_parser(prog: str):
-    from .cli import add_generation_arguments, add_hub_arguments
-    from .console import ArgumentParser, add_debug_argument, add_threads_argument, positive_int
+    from .console import (
+        ArgumentParser,
+        add_debug_argument,
+        add_generation_arguments,
+        add_hub_arguments,
+        add_threads_argument,
+        positive_int,
+    )
 
     parser = ArgumentParser(
         prog=prog, allow_abbrev=False, description=DESCRIPTION, epilog=EPILOG, formatter_class=_raw_formatter()
@@ -383,8 +389,7 @@ exit status:
 
 
 def make_job(args, model_folder: str) -> Job:
-    from .cli import option_kwargs
-    from .console import UsageError
+    from .console import UsageError, option_kwargs
     from .request import RequestError, check_params
 
     defaults = dict(option_kwargs(args), return_full_text=False)

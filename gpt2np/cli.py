@@ -30,18 +30,16 @@ from .console import (
     ArgumentParser,
     UsageError,
     add_debug_argument,
+    add_generation_arguments,
+    add_hub_arguments,
     add_threads_argument,
     load_model,
-    non_negative_float,
-    non_negative_int,
     note,
     one_line,
-    positive_float,
+    option_kwargs,
     positive_int,
-    probability,
     require_stdout,
     run,
-    stop_text,
     wants_debug,
 )
 
@@ -235,90 +233,6 @@ exit status:
     return parser
 
 
-def add_generation_arguments(g) -> None:
-    """The flags of GenerationOptions' fields, and --seed. Their defaults are GenerationOptions' own."""
-    from .sampling import GenerationOptions
-
-    d = GenerationOptions()
-    g.add_argument(
-        "--max-new-tokens",
-        type=positive_int,
-        default=d.max_new_tokens,
-        metavar="N",
-        help="generate at most N tokens (default: %(default)s)",
-    )
-    g.add_argument(
-        "--temperature",
-        type=non_negative_float,
-        default=d.temperature,
-        metavar="T",
-        help="sampling temperature, > 0; lower is more predictable (default: %(default)s)",
-    )
-    g.add_argument(
-        "--top-p",
-        type=probability,
-        default=d.top_p,
-        metavar="P",
-        help="nucleus sampling: draw from the most likely tokens that together reach probability P, "
-        "in (0, 1]; 1 turns it off (default: %(default)s)",
-    )
-    g.add_argument(
-        "--top-k",
-        type=positive_int,
-        default=d.top_k,
-        metavar="K",
-        help=f"draw only from the K most likely tokens (default: {d.top_k or 'off'})",
-    )
-    g.add_argument(
-        "--repetition-penalty",
-        type=positive_float,
-        default=d.repetition_penalty,
-        metavar="R",
-        help="R > 1 makes tokens already in the text less likely; 1 turns it off (default: %(default)s)",
-    )
-    g.add_argument(
-        "--greedy",
-        dest="do_sample",
-        action="store_false",
-        default=d.do_sample,
-        help="always take the most likely token (do_sample off: --temperature, --top-k and --top-p "
-        f"are not used) (default: {'sample' if d.do_sample else 'greedy'})",
-    )
-    g.add_argument(
-        "--seed",
-        type=non_negative_int,
-        default=None,
-        metavar="N",
-        help="random seed: the same seed and options give the same text (default: a new seed each run)",
-    )
-    g.add_argument(
-        "--stop",
-        action="append",
-        type=stop_text,
-        default=None,
-        metavar="TEXT",
-        help="end the text before the first TEXT; repeatable; \\n, \\t, \\r and \\\\ are understood (default: none)",
-    )
-    g.add_argument(
-        "--ignore-eos",
-        action="store_true",
-        default=d.ignore_eos,
-        help="keep generating past the end-of-text token (default: stop there)",
-    )
-
-
-def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--revision", default="main", metavar="REV", help="the hub branch, tag or commit (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--cache-dir",
-        default=None,
-        metavar="DIR",
-        help="the hub cache (default: $HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub)",
-    )
-
-
 def check_generate_args(args: argparse.Namespace) -> None:
     """Combinations of flags that cannot work together."""
     if args.json is not None and args.prompt is not None:
@@ -327,20 +241,6 @@ def check_generate_args(args: argparse.Namespace) -> None:
         raise UsageError("--stream cannot be used with --json: the answer is printed as one JSON list")
     if args.json is None and args.do_sample and args.temperature == 0:  # a request's do_sample may still say false
         raise UsageError("--temperature must be > 0 when sampling; for deterministic text use --greedy")
-
-
-def option_kwargs(args: argparse.Namespace) -> dict:
-    """The generation options (GenerationOptions' fields) as `add_generation_arguments`' flags set them."""
-    return dict(
-        max_new_tokens=args.max_new_tokens,
-        do_sample=args.do_sample,
-        temperature=args.temperature,
-        top_p=args.top_p,
-        top_k=args.top_k,
-        repetition_penalty=args.repetition_penalty,
-        stop=args.stop,
-        ignore_eos=args.ignore_eos,
-    )
 
 
 def generation_kwargs(args: argparse.Namespace) -> dict:

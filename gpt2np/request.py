@@ -18,6 +18,7 @@ error. Both give the same message for the same request.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
@@ -116,15 +117,37 @@ def read_json(body: str | bytes, *, example: str):
     if not body.strip():
         raise RequestError(f"the request is empty; send a JSON object such as {example}")
     try:
-        return json.loads(body, parse_constant=_reject_constant)
+        return json.loads(body, parse_constant=_reject_constant, parse_int=_read_int)
     except RecursionError:
         raise RequestError("the request is nested too deeply to read; a request looks like " + example) from None
+    except _IntegerTooLong as e:
+        raise RequestError(
+            f"the request holds an integer of {e.digits} digits, more than the {e.limit} this reader takes "
+            "(no field needs one so long); send a shorter number"
+        ) from None
     except ValueError as e:
         raise RequestError(f"the request is not valid JSON ({e}); a request looks like {example}") from None
 
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a JSON number")
+
+
+class _IntegerTooLong(ValueError):
+    def __init__(self, digits: int, limit: int):
+        super().__init__(f"an integer of {digits} digits")
+        self.digits, self.limit = digits, limit
+
+
+def _read_int(text: str) -> int:
+    """A JSON integer, refused with its own message past Python's limit on converting digits
+    (4,300 by default), where int() raises a ValueError that tells a server's operator, not the
+    client, what to change."""
+    limit = getattr(sys, "get_int_max_str_digits", lambda: 0)()
+    digits = len(text.lstrip("-"))
+    if limit and digits > limit:
+        raise _IntegerTooLong(digits, limit)
+    return int(text)
 
 
 def check_request(data, *, defaults: Mapping | None = None) -> Request:

@@ -1,12 +1,14 @@
 """The package's shape: no import cycle anywhere, and the math imports nothing but NumPy.
 
 Imports are read from the source with `ast`, those inside functions included (a lazy import is
-still a dependency), so a cycle hidden behind a function-level import fails here too.
+still a dependency), so a cycle hidden behind a function-level import fails here too, and so does
+one through `importlib.import_module("gpt2np.x")`, which no import statement shows.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -26,9 +28,16 @@ MODULES = {module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
 def imports_of(name: str) -> set[str]:
     """The gpt2np modules that module `name` imports, at any depth of its code."""
     path = MODULES[name]
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    return imports_in(path.read_text(), name, is_package=path.name == "__init__.py", known=MODULES.keys())
+
+
+def imports_in(source: str, name: str, *, is_package: bool, known) -> set[str]:
+    """The modules of `known` that the code `source` of module `name` imports: its import statements,
+    and the modules it loads by name through `importlib.import_module` (see `dynamic_imports`)."""
+    package = name if is_package else name.rpartition(".")[0]
+    tree = ast.parse(source, name)
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
@@ -37,9 +46,36 @@ def imports_of(name: str) -> set[str]:
                 base = f"{base}.{node.module}" if node.module else base
             else:
                 base = node.module or ""
-            named = {f"{base}.{alias.name}" for alias in node.names} & MODULES.keys()  # `from . import engine`
+            named = {f"{base}.{alias.name}" for alias in node.names} & known  # `from . import engine`
             found |= named if named and not node.module else {base} | named
-    return {m for m in found if m in MODULES and m != name}
+    found |= dynamic_imports(tree, package, known)
+    return {m for m in found if m in known and m != name}
+
+
+def dynamic_imports(tree: ast.AST, package: str, known) -> set[str]:
+    """What a module imports by name: in a module that calls `import_module` (or `__import__`), every
+    string that names a module counts, whether it is the call's argument or sits in a table the call
+    reads (gpt2np.cli's `MODULE_COMMANDS`); a relative name (`import_module(".batch", "gpt2np")`)
+    counts as the module it resolves to. A loop through such a call is a loop like any other."""
+    calls = [
+        node
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and (getattr(node.func, "attr", None) or getattr(node.func, "id", None)) in ("import_module", "__import__")
+    ]
+    if not calls:
+        return set()
+    strings = {node.value for node in ast.walk(tree) if isinstance(node, ast.Constant) and isinstance(node.value, str)}
+    found = strings & known
+    for call in calls:
+        first = call.args[0] if call.args else None
+        anchor = (
+            call.args[1] if len(call.args) > 1 else next((k.value for k in call.keywords if k.arg == "package"), None)
+        )
+        if isinstance(first, ast.Constant) and str(first.value).startswith("."):
+            base = anchor.value if isinstance(anchor, ast.Constant) else package
+            found.add(importlib.util.resolve_name(first.value, base))
+    return found
 
 
 GRAPH = {name: imports_of(name) for name in MODULES}
@@ -71,6 +107,32 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_package_has_no_import_cycle():
     cycle = find_cycle(GRAPH)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_the_graph_sees_modules_loaded_by_name():
+    """gpt2np.cli loads `serve`, `eval` and `batch` through import_module, from a table of names."""
+    assert {"gpt2np.server", "gpt2np.evaluate", "gpt2np.batch"} <= GRAPH["gpt2np.cli"]
+
+
+@pytest.mark.parametrize(
+    "loader",
+    [
+        'COMMANDS = {"batch": "gpt2np.batch"}\n\ndef run(c):\n    return importlib.import_module(COMMANDS[c])\n',
+        'def run():\n    return importlib.import_module(".batch", package="gpt2np")\n',
+        'from importlib import import_module\n\ndef run():\n    return import_module(".batch", "gpt2np")\n',
+    ],
+)
+def test_a_loop_through_import_module_is_a_cycle(loader):
+    """The loop cli.py and batch.py once made: cli loaded batch by name, batch imported cli's flags."""
+    known = {"gpt2np", "gpt2np.cli", "gpt2np.batch"}
+    graph = {
+        "gpt2np": set(),
+        "gpt2np.cli": imports_in("import importlib\n" + loader, "gpt2np.cli", is_package=False, known=known),
+        "gpt2np.batch": imports_in(
+            "def parser():\n    from .cli import add_hub_arguments\n", "gpt2np.batch", is_package=False, known=known
+        ),
+    }
+    assert find_cycle(graph) == ["gpt2np.batch", "gpt2np.cli", "gpt2np.batch"]
 
 
 def test_the_cycle_finder_finds_one():

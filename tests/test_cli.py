@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt2np import GPT2, cli
+from gpt2np import GPT2, cli, console
 from gpt2np.checkpoint import random_state_dict, save_checkpoint
 from gpt2np.config import GPT2Config
 
@@ -664,9 +664,9 @@ def test_stream_is_the_default_only_on_a_terminal():
 
 
 def test_stop_flag_understands_backslash_escapes():
-    assert cli.stop_text("\\n") == "\n"
-    assert cli.stop_text("a\\tb\\\\n") == "a\tb\\n"
-    assert cli.stop_text("\\q") == "\\q"
+    assert console.stop_text("\\n") == "\n"
+    assert console.stop_text("a\\tb\\\\n") == "a\tb\\n"
+    assert console.stop_text("\\q") == "\\q"
 
 
 @pytest.mark.parametrize("text", ["日本語のテキスト" * 30, "naïve café " * 40, "one" + " word" * 200])

@@ -127,6 +127,64 @@ def test_user_is_accepted_and_best_of_one_is_the_default(client, name):
     assert answer.usage.completion_tokens <= 2
 
 
+# ---------------------------------------------------------------------------------------- served names
+@pytest.fixture(scope="module")
+def named_server(toy_folder, tmp_path_factory):
+    """--served-model-name twice: the names clients hard-code (lm-evaluation-harness sends model=gpt2)."""
+    flags = ("--served-model-name", "gpt2", "--served-model-name", "org/alias", "gpt2")  # a repeat counts once
+    server = Server(toy_folder, tmp_path_factory.mktemp("log") / "server.log", *flags)
+    yield server
+    server.stop()
+
+
+def test_served_model_names_are_listed_and_accepted(named_server, model, toy_folder):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{named_server.port}/v1", api_key="-", max_retries=0)
+    assert [card.id for card in client.models.list().data] == ["gpt2", "org/alias"]
+    expected = complete(model, "Hello", do_sample=False, max_new_tokens=5).text
+    for name in ("gpt2", "org/alias"):
+        answer = client.completions.create(model=name, prompt="Hello", max_tokens=5, temperature=0)
+        assert (answer.model, answer.choices[0].text) == (name, expected)  # the answer names what was asked
+    with pytest.raises(openai.NotFoundError) as caught:  # the folder's name is no longer one of them
+        client.completions.create(model=toy_folder.name, prompt="Hello")
+    assert caught.value.code == "model_not_found" and 'this server serves "gpt2", "org/alias"' in caught.value.message
+    assert named_server.health()["model"] == "gpt2"
+    assert "serving gpt2, org/alias on http://" in named_server.log()
+
+
+def test_retrieve_a_model_by_its_id(named_server):
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{named_server.port}/v1", api_key="-", max_retries=0)
+    card = client.models.retrieve("gpt2")
+    assert (card.id, card.object, card.owned_by) == ("gpt2", "model", "gpt2np") and isinstance(card.created, int)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-4")
+    error = caught.value
+    assert error.status_code == 404 and (error.code, error.param) == ("model_not_found", "model")
+    assert error.type == "invalid_request_error" and "gpt-4" in error.message
+    for path in ("/v1/models/org/alias", "/v1/models/org%2Falias"):  # a hub-style name, its slash raw or escaped
+        status, _, body = named_server.request("GET", path)
+        assert (status, json.loads(body)["id"]) == (200, "org/alias")
+
+
+def test_retrieve_model_routes_and_methods(named_server):
+    status, headers, body = named_server.request("POST", "/v1/models/gpt2", b"{}", {"Content-Type": "application/json"})
+    assert status == 405 and headers["Allow"] == "GET" and json.loads(body)["error"]["type"] == "invalid_request_error"
+    status, _, body = named_server.request("GET", "/v1/models/")
+    assert status == 404 and "GET /v1/models/{id}" in json.loads(body)["error"]["message"]
+
+
+def test_the_default_name_is_retrievable(client, name):
+    assert client.models.retrieve(name).id == name
+
+
+@pytest.mark.parametrize("value", ["", "  ", "a\x1bb"])
+def test_a_bad_served_model_name_is_one_line_and_status_2(value, capsys):
+    from gpt2np import server
+
+    assert server.main(["--served-model-name", value]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2np serve: error: argument --served-model-name: must not ") and err.count("\n") == 1
+
+
 # ---------------------------------------------------------------------------------------- log-probs
 def test_logprobs_of_generated_tokens(client, model, name):
     prompt = "Once upon a time there"

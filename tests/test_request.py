@@ -151,10 +151,10 @@ def folder(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(folder):
-    """The real ScoringServer, in this process, on a loopback port."""
-    from gpt2np.server import ScoringServer
+    """The real ModelServer, in this process, on a loopback port."""
+    from gpt2np.httpd import ModelServer
 
-    server = ScoringServer(("127.0.0.1", 0), GPT2.from_pretrained(folder), model_name="tiny", log=io.StringIO())
+    server = ModelServer(("127.0.0.1", 0), GPT2.from_pretrained(folder), model_name="tiny", log=io.StringIO())
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     yield server
     server.stop_gracefully()

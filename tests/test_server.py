@@ -292,8 +292,9 @@ def test_max_new_tokens_cap_counts_the_longest_prompt(server, model):
 
 
 def test_max_new_tokens_cap_is_named_when_it_is_the_tighter_limit():
+    from gpt2np.httperrors import HTTPError
+    from gpt2np.modelcard import check_lengths
     from gpt2np.request import parse_request
-    from gpt2np.server import HTTPError, check_lengths
 
     request = parse_request('{"input_data": ["a", "b"], "params": {"max_new_tokens": 50}}')
     ids = [[1], [1] * 20]
@@ -395,8 +396,9 @@ def test_rows_joining_and_leaving_mid_decoding_match_the_library(model):
     """The scheduler's step, in process: rows join while others decode (with longer and shorter
     histories, so the cache widens and pads) and leave at different steps."""
     from gpt2np.generation import prepare_prompts
+    from gpt2np.modelcard import CardJob
     from gpt2np.sampling import GenerationOptions
-    from gpt2np.server import Scheduler, ScoreJob
+    from gpt2np.scheduler import Scheduler
 
     cases = [  # (step at which it joins, prompt, options, seed)
         (0, "A short one", GenerationOptions(max_new_tokens=12, do_sample=False, ignore_eos=True), None),
@@ -415,8 +417,7 @@ def test_rows_joining_and_leaving_mid_decoding_match_the_library(model):
         ),
     ]
     jobs = [
-        ScoreJob([p], prepare_prompts(model.tokenizer, [p], bos=50256), o, seed, False, model)
-        for _, p, o, seed in cases
+        CardJob([p], prepare_prompts(model.tokenizer, [p], bos=50256), o, seed, False, model) for _, p, o, seed in cases
     ]
     scheduler = Scheduler(model, max_batch_size=16, max_queue=4)  # not started: this test is its worker
     with one_blas_thread():
@@ -448,12 +449,12 @@ def test_leaving_rows_lay_out_their_cache_columns(model):
     them all, padding columns stay zeros)."""
     from gpt2np.engine import Engine
     from gpt2np.generation import prepare_prompts
+    from gpt2np.modelcard import CardJob
     from gpt2np.sampling import GenerationOptions
-    from gpt2np.server import ScoreJob
 
     prompts = ["One", "A longer prompt than the first", "Mid length one", "x"]
     o = GenerationOptions(max_new_tokens=5, do_sample=False, ignore_eos=True)
-    job = ScoreJob(prompts, prepare_prompts(model.tokenizer, prompts, bos=50256), o, None, False, model)
+    job = CardJob(prompts, prepare_prompts(model.tokenizer, prompts, bos=50256), o, None, False, model)
     engine = Engine(model)
     engine.add(job.rows)
     engine.choose()
@@ -498,7 +499,7 @@ def test_internal_failure_is_500_and_the_server_goes_on(model, monkeypatch):
     """In process, with a failure planted in the engine for one prompt: its request gets a 500 that
     names only the error's type, the log has the details, and the server goes on serving."""
     from gpt2np import engine
-    from gpt2np.server import ScoringServer
+    from gpt2np.httpd import ModelServer
 
     planted = model.tokenizer.encode("Hello world")
     real_add = engine.Engine.add
@@ -510,7 +511,7 @@ def test_internal_failure_is_500_and_the_server_goes_on(model, monkeypatch):
 
     monkeypatch.setattr(engine.Engine, "add", add)
     log = io.StringIO()
-    server = ScoringServer(("127.0.0.1", 0), model, model_name="tiny", log=log)
+    server = ModelServer(("127.0.0.1", 0), model, model_name="tiny", log=log)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
 
@@ -655,10 +656,11 @@ def test_pipelined_request_is_not_taken_for_a_disconnect(long_server, long_model
 def test_graceful_stop_after_a_client_left(long_model):
     """In process, to look inside: the job of a client that left stops decoding for good, nothing
     stays in flight, and a graceful stop does not wait for the prompts that were dropped."""
-    from gpt2np.server import ScoringServer
+    from gpt2np.httpd import ModelServer
+    from gpt2np.httperrors import http_error
 
     log = io.StringIO()
-    server = ScoringServer(("127.0.0.1", 0), long_model, model_name="long", max_batch_size=2, log=log)
+    server = ModelServer(("127.0.0.1", 0), long_model, model_name="long", max_batch_size=2, log=log)
     jobs, submit = [], server.scheduler.submit
     server.scheduler.submit = lambda job: (jobs.append(job), submit(job))[1]
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
@@ -672,7 +674,7 @@ def test_graceful_stop_after_a_client_left(long_model):
         wait_for(lambda: server.scheduler.depth() == (0, 0), what="an empty batch and queue")
         wait_for(lambda: server._inflight == 0, what="no request in flight")
         (job,) = jobs
-        assert job.error.status == 499 and job.texts is None
+        assert http_error(job.error).status == 499 and job.texts is None
         dropped_at = job.new_tokens
         assert dropped_at < n_prompts * n_tokens
         connection = http.client.HTTPConnection(*server.server_address[:2], timeout=60)
@@ -895,10 +897,10 @@ def test_seeded_answer_says_whether_it_shared_its_batch(strict_server, model):
 
 
 def in_process_server(model, log: io.StringIO, **kwargs):
-    """A ScoringServer in this process on a free port, serving in a thread."""
-    from gpt2np.server import ScoringServer
+    """A ModelServer in this process on a free port, serving in a thread."""
+    from gpt2np.httpd import ModelServer
 
-    server = ScoringServer(("127.0.0.1", 0), model, model_name="tiny", log=log, **kwargs)
+    server = ModelServer(("127.0.0.1", 0), model, model_name="tiny", log=log, **kwargs)
     threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server
 
@@ -1003,7 +1005,7 @@ def test_numpy_warnings_become_one_log_line(model, monkeypatch, capfd):
     """A warning raised while decoding is one line of the server's log, and nothing on stderr."""
     import warnings
 
-    from gpt2np.server import Scheduler
+    from gpt2np.scheduler import Scheduler
 
     real_step = Scheduler.step
 
@@ -1034,12 +1036,13 @@ def test_a_request_with_many_prompts_does_not_hold_the_batch(model):
     """In process: a job with far more prompts than the batch leaves room; a later one-prompt job
     joins at the next step instead of waiting for the first job's rows to finish."""
     from gpt2np.generation import prepare_prompts
+    from gpt2np.modelcard import CardJob
     from gpt2np.sampling import GenerationOptions
-    from gpt2np.server import Scheduler, ScoreJob
+    from gpt2np.scheduler import Scheduler
 
     o = GenerationOptions(max_new_tokens=50, do_sample=False, ignore_eos=True)
-    big = ScoreJob(["x"] * 100, prepare_prompts(model.tokenizer, ["x"] * 100, bos=50256), o, None, False, model)
-    small = ScoreJob(["y"], prepare_prompts(model.tokenizer, ["y"], bos=50256), o, None, False, model)
+    big = CardJob(["x"] * 100, prepare_prompts(model.tokenizer, ["x"] * 100, bos=50256), o, None, False, model)
+    small = CardJob(["y"], prepare_prompts(model.tokenizer, ["y"], bos=50256), o, None, False, model)
     scheduler = Scheduler(model, max_batch_size=4, max_queue=4)  # not started: this test is its worker
     scheduler.submit(big)
     with one_blas_thread():
@@ -1054,13 +1057,14 @@ def test_a_long_prompt_is_prefilled_between_decoding_steps(model):
     """In process: while a long prompt is prefilled a chunk per step, the rows already decoding
     get a token at every step, and both answers are the library's."""
     from gpt2np.generation import prepare_prompts
+    from gpt2np.modelcard import CardJob
     from gpt2np.sampling import GenerationOptions
-    from gpt2np.server import Scheduler, ScoreJob
+    from gpt2np.scheduler import Scheduler
 
     o = GenerationOptions(max_new_tokens=20, do_sample=False, ignore_eos=True)
     short, long = "Short", " a" * 100
-    first = ScoreJob([short], prepare_prompts(model.tokenizer, [short], bos=50256), o, None, False, model)
-    second = ScoreJob([long], prepare_prompts(model.tokenizer, [long], bos=50256), o, None, False, model)
+    first = CardJob([short], prepare_prompts(model.tokenizer, [short], bos=50256), o, None, False, model)
+    second = CardJob([long], prepare_prompts(model.tokenizer, [long], bos=50256), o, None, False, model)
     scheduler = Scheduler(model, max_batch_size=4, max_queue=4, prefill_chunk=16)
     with one_blas_thread():
         scheduler.submit(first)

@@ -23,6 +23,10 @@ class JobRow(Row):
         self.job, self.text = job, text
         self.settled = False  # counted by its job as finished (set by the scheduler)
 
+    def accept(self, token: int) -> None:
+        if self.text.add(token):  # a stop string: the row ends at this token
+            self.finish()
+
 
 class Job:
     """One accepted request as the scheduler sees it: its rows, how many have joined the batch,

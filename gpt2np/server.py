@@ -331,9 +331,7 @@ class Scheduler:
             if row.job.closed:  # failed or timed out: its rows leave the batch
                 row.finish()
         mark_shared({row.job for row in engine.rows if not row.done})
-        for row, token in engine.choose():
-            if row.text.add(token):  # a stop string
-                row.finish()
+        engine.choose()  # each row takes its tokens (JobRow.accept: its text, a stop string finishes it)
         for row in engine.rows:
             if row.done and not row.settled and not row.job.closed:
                 row.settled = True

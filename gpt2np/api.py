@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import engine, scoring
+from . import engine, runner, scoring
 from .checkpoint import CONFIG_NAME, check_tokenizer, load_state_dict, random_state_dict, unflatten
 from .config import GPT2Config
 from .generation import Completion, check_prompts, complete, generate_ids, generate_text, prepare_prompts, stream_text
@@ -73,7 +73,7 @@ class GPT2:
                 f"no {CONFIG_NAME} in {folder}: a checkpoint folder holds config.json and model.safetensors"
             )
         config = GPT2Config.from_json_file(folder / CONFIG_NAME)
-        params = unflatten(load_state_dict(folder, config))
+        params = unflatten(load_state_dict(folder, config, column_major=runner.COLUMN_MAJOR))
         vocab, merges = folder / "vocab.json", folder / "merges.txt"
         tokenizer = Tokenizer.from_files(vocab, merges) if vocab.is_file() and merges.is_file() else Tokenizer()
         check_tokenizer(config, tokenizer)  # a mismatch fails here, not in the middle of a generation
@@ -82,7 +82,9 @@ class GPT2:
     @classmethod
     def from_random(cls, config, *, seed=0, std=0.02, threads=None) -> "GPT2":
         """A randomly initialised model of the given config (for tests and benchmarks)."""
-        return cls(config, unflatten(random_state_dict(config, seed=seed, std=std)), name="random", threads=threads)
+        state = random_state_dict(config, seed=seed, std=std)
+        state = {k: np.asfortranarray(v) if k in runner.COLUMN_MAJOR else v for k, v in state.items()}
+        return cls(config, unflatten(state), name="random", threads=threads)
 
     @property
     def lm_head_weight(self):  # [V, C]

@@ -98,13 +98,15 @@ def _to_float32(raw: np.ndarray, dtype: str) -> np.ndarray:
     return raw.astype(np.float32, copy=False)
 
 
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+def read_safetensors(path: Path, *, column_major=()) -> dict[str, np.ndarray]:
     """Every tensor of one safetensors file as float32 NumPy arrays (F32 / F16 / BF16 / F64).
 
     The safetensors package validates the file first (header, dtypes, offsets that tile the
     data exactly, file size). The bytes are then read straight into their arrays rather than
     through a memory map: a map's pages would count in the process's memory beside the arrays,
-    doubling the peak while loading.
+    doubling the peak while loading. The 2-D tensors named in `column_major` (with or without the
+    `transformer.` prefix) are stored column-major (Fortran order), read a block of rows at a time
+    so that the file's row-major copy is never whole in memory beside it.
     """
     try:
         with safe_open(path, framework="np") as f:  # raises on a malformed or truncated file
@@ -125,21 +127,31 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
                 raise ValueError(f"{path}: tensor {name!r} has dtype {info['dtype']}; expected F32, F16 or BF16")
             begin, end = info["data_offsets"]
             f.seek(data_start + begin)
-            raw = np.fromfile(
-                f, dtype=_DTYPES[info["dtype"]], count=(end - begin) // np.dtype(_DTYPES[info["dtype"]]).itemsize
-            )
+            dtype = np.dtype(_DTYPES[info["dtype"]])
+            if name.removeprefix("transformer.") in column_major and len(info["shape"]) == 2:
+                rows, columns = info["shape"]
+                tensor = np.empty((rows, columns), dtype=np.float32, order="F")
+                for r in range(0, rows, 4096):
+                    n = min(4096, rows - r)
+                    tensor[r : r + n] = _to_float32(
+                        np.fromfile(f, dtype=dtype, count=n * columns), info["dtype"]
+                    ).reshape(n, columns)
+                tensors[name] = tensor
+                continue
+            raw = np.fromfile(f, dtype=dtype, count=(end - begin) // dtype.itemsize)
             tensors[name] = _to_float32(raw, info["dtype"]).reshape(info["shape"])
     return tensors
 
 
-def load_state_dict(folder: str | os.PathLike, config: GPT2Config) -> dict[str, np.ndarray]:
-    """Read and check every weight of a checkpoint folder; names come back without `transformer.`.
+def load_state_dict(folder: str | os.PathLike, config: GPT2Config, *, column_major=()) -> dict[str, np.ndarray]:
+    """Read and check every weight of a checkpoint folder; names come back without `transformer.`;
+    those in `column_major` are stored so (see `read_safetensors`).
 
     Raises ValueError naming each missing, unexpected or misshapen tensor.
     """
     state: dict[str, np.ndarray] = {}
     for path in weight_files(folder):
-        for name, tensor in read_safetensors(path).items():
+        for name, tensor in read_safetensors(path, column_major=column_major).items():
             name = name.removeprefix("transformer.")
             if _BUFFER.fullmatch(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
                 continue  # mask buffers, and the tied head (the same numbers as wte)

@@ -51,6 +51,9 @@ FIELDS = (
     "user",
     "best_of",
     "suffix",
+    # gpt2np's extensions: prompt-lookup decoding (GenerationOptions; the same text, fewer passes)
+    "prompt_lookup_num_tokens",
+    "max_matching_ngram_size",
 )
 NO_CHAT = (
     "GPT-2 has no chat template: it was trained on web text, not on conversations, so no messages format "
@@ -269,6 +272,8 @@ def _options(data: dict, max_tokens: int) -> GenerationOptions | None:
     stop = [stop] if isinstance(stop, str) else stop
     if len(stop) > MAX_STOP or not all(isinstance(s, str) and s for s in stop):
         raise _bad("stop", f"must be a non-empty string or a list of at most {MAX_STOP} of them, got {_shown(stop)}")
+    lookup = _field(data, "prompt_lookup_num_tokens", lambda v: v is None or _is_integer(v), "an integer or null")
+    ngram = _field(data, "max_matching_ngram_size", _is_integer, "an integer", 2)
     if max_tokens == 0:
         return None
     return GenerationOptions(
@@ -277,6 +282,8 @@ def _options(data: dict, max_tokens: int) -> GenerationOptions | None:
         temperature=temperature or 1.0,
         top_p=top_p,
         stop=tuple(stop),
+        prompt_lookup_num_tokens=lookup,
+        max_matching_ngram_size=ngram,
     )
 
 

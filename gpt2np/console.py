@@ -410,6 +410,21 @@ def add_generation_arguments(g) -> None:
         default=d.ignore_eos,
         help="keep generating past the end-of-text token (default: stop there)",
     )
+    g.add_argument(
+        "--prompt-lookup-num-tokens",
+        type=positive_int,
+        default=d.prompt_lookup_num_tokens,
+        metavar="K",
+        help="prompt-lookup decoding: guess up to K next tokens from an earlier occurrence of the last "
+        "tokens and check them in one pass: the same text, faster where it repeats (default: off)",
+    )
+    g.add_argument(
+        "--max-matching-ngram-size",
+        type=positive_int,
+        default=d.max_matching_ngram_size,
+        metavar="N",
+        help="prompt lookup matches the last N tokens, then fewer (default: %(default)s)",
+    )
 
 
 def add_hub_arguments(parser: argparse.ArgumentParser) -> None:
@@ -435,4 +450,6 @@ def option_kwargs(args: argparse.Namespace) -> dict:
         repetition_penalty=args.repetition_penalty,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        prompt_lookup_num_tokens=args.prompt_lookup_num_tokens,
+        max_matching_ngram_size=args.max_matching_ngram_size,
     )

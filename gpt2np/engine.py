@@ -234,6 +234,31 @@ class Row:
         self.prompt_logprobs = 0 if score_only and prompt_logprobs is None else prompt_logprobs
         self.score_only = score_only
         self._prompt_parts: list[scoring.LogProbs] = []
+        self.drafts: list[int] = []  # the tokens guessed after `token` at the last forward (prompt lookup)
+        self.fed = 0  # columns the last forward fed for the row when it fed drafts (its token and drafts)
+        self.produced_now = 0  # tokens produced at the last choose()
+        self._tokens = np.empty(len(self.ids) + options.max_new_tokens, dtype=np.intp)  # prompt, then chosen
+        self._tokens[: len(self.ids)] = self.ids
+        self._n = len(self.ids)
+
+    def accept(self, token: int) -> None:
+        """Called by the engine for every token the row produces, in order, before it goes on (a step
+        that verifies drafts produces several): a subclass adds it to its text, and may `finish` the
+        row there (a stop string), which ends the row's tokens at that one."""
+
+    def history(self) -> np.ndarray:  # -> [len(ids) + n_new]
+        """The prompt and every token the row produced, in order (a view)."""
+        return self._tokens[: self._n]
+
+    @property
+    def new_ids(self) -> list[int]:
+        """The tokens the row produced (EOS not included)."""
+        return self._tokens[len(self.ids) : self._n].tolist()
+
+    def _produced(self, token: int) -> None:
+        self._tokens[self._n] = token
+        self._n += 1
+        self.accept(token)
 
     @property
     def prompt_scores(self) -> scoring.LogProbs | None:
@@ -294,6 +319,8 @@ class Engine:
     def _clear(self) -> None:
         self.state: _Part | None = None
         self.end = 0  # the column every row's next token is written to
+        self._layouts = 0  # layouts made so far (a layout moves the columns of the last step)
+        self._step = (0, 1)  # after a forward: (the layouts made by then, the columns T it fed each row)
 
     @property
     def rows(self) -> list[Row]:
@@ -344,25 +371,67 @@ class Engine:
             self._lay_out([self._used(range(len(self.rows))), self._prefill(list(rows), room=0)], pending=False)
 
     def choose(self) -> list[tuple[Row, int]]:
-        """One token for every live row, chosen by its sampler from its logits: (row, token) for
-        each row that produced one. A row that drew EOS (not returned) or reached max_new_tokens is
-        done and leaves at the next `forward`."""
-        logits = self.state.logits if self.state is not None else None
+        """The next tokens of every live row, chosen by its sampler from its logits: (row, token) for
+        each token a row produced, in order; each row `accept`s its tokens as they come. A row that
+        drew EOS (not returned) or reached max_new_tokens is done and leaves at the next `forward`.
+
+        After a forward that fed drafts (prompt lookup), a row produces one token or more: its
+        sampler decides on the token after the fed one, and while that token is the next draft, on
+        the token after it too (`RowSampler.choose` with the draft: greedy, or the speculative
+        sampling rule). The drafts it did not keep are rolled back from the cache."""
+        if self.state is None:
+            return []
+        logits = self.state.logits  # [B, V], or [B, T, V] after drafts were fed
         live = [(i, row) for i, row in enumerate(self.rows) if not row.done]
+        if logits.ndim == 3:
+            kept = np.zeros(len(self.rows), dtype=np.intp)  # 0: not in the step that fed drafts
+            for i, row in live:  # in order, on this thread: each row's `accept` may finish it
+                kept[i] = self._verify(row, logits[i])
+            self._roll_back(kept)
+        else:
 
-        def pick(rows):  # each row draws from its own generator: which thread runs it changes nothing
-            for i, row in live[rows]:
-                raw = None if row.logprobs is None else logits[i, : self.n_choosable].copy()  # the sampler changes them
-                row.token = row.sampler.choose(logits[i, : self.n_choosable], self.eos)
-                if row.token is not None and raw is not None:
-                    scored = scoring.log_probs(raw[None], np.array([row.token]), top=row.logprobs)
-                    row.log_probs.append(
-                        TokenLogProb(row.token, float(scored.log_probs[0]), scored.top_ids[0], scored.top_log_probs[0])
-                    )
+            def pick(rows):  # each row draws from its own generator: which thread runs it changes nothing
+                for i, row in live[rows]:
+                    row.produced_now = 0
+                    row.token = self._choose(row, logits[i])
 
-        pool = self.model.threads.pool if len(live) >= SAMPLER_MIN_ROWS else None
-        runner.parallel(pool, pick, runner.pieces(len(live), pool))
-        return [(row, row.token) for _, row in live if row.token is not None]
+            pool = self.model.threads.pool if len(live) >= SAMPLER_MIN_ROWS else None
+            runner.parallel(pool, pick, runner.pieces(len(live), pool))
+            for _, row in live:  # each row takes its token on this thread
+                if row.token is not None:
+                    row._produced(row.token)
+        return [(row, int(token)) for _, row in live for token in row.history()[row._n - row.produced_now :]]
+
+    def _choose(self, row: Row, logits, draft: int | None = None) -> int | None:  # [V] -> token
+        """The row's next token from `logits` (the sampler changes them), with its log-prob if asked."""
+        logits = logits[: self.n_choosable]
+        raw = None if row.logprobs is None else logits.copy()  # the sampler changes them
+        token = row.sampler.choose(logits, self.eos, draft=draft)
+        row.produced_now += token is not None
+        if token is not None and raw is not None:
+            scored = scoring.log_probs(raw[None], np.array([token]), top=row.logprobs)
+            row.log_probs.append(
+                TokenLogProb(token, float(scored.log_probs[0]), scored.top_ids[0], scored.top_log_probs[0])
+            )
+        return token
+
+    def _verify(self, row: Row, logits) -> int:  # [T, V] -> columns of the step the row keeps
+        """The row's tokens after a forward that fed its last token and its drafts: one from each
+        position's logits while the token chosen there is the draft fed next. Returns how many of the
+        step's columns the row keeps (the fed token's and the drafts' it accepted), 0 for a row that
+        joined after that forward (it chooses from its own logits, at position 0)."""
+        row.produced_now = 0
+        fed, row.fed = row.fed, 0
+        drafts = row.drafts if fed else []
+        for j in range(1 + len(drafts)):
+            draft = drafts[j] if j < len(drafts) else None
+            row.token = self._choose(row, logits[j], draft)
+            if row.token is None:  # EOS ended the row
+                break
+            row._produced(row.token)
+            if row.done or row.token != draft:
+                break
+        return min(fed, j + 1)
 
     def forward(self) -> None:
         """Drop the rows that are done; feed every other row the token it chose: one decoding step,
@@ -392,24 +461,54 @@ class Engine:
         self._lay_out([self._used(range(len(self.rows))), part], pending=False)
 
     def _decode(self) -> None:
-        """The decoding pass of `forward`."""
+        """The decoding pass of `forward`: each row's chosen token, and its drafts if it has any."""
         keep = [i for i, row in enumerate(self.rows) if not row.done]
         if len(keep) < len(self.rows):
             if not keep:
                 self._clear()
                 return
             self._lay_out([self._used(keep)], pending=True)
-        s, start = self.state, self.end
+        s = self.state
+        for i, row in enumerate(s.rows):
+            row.drafts = prompt_lookup(row, int(s.positions[i]), self.model.config.n_ctx)
+        T = 1 + max(len(row.drafts) for row in s.rows)
+        if self.end + T > s.valid.shape[1]:  # drafts left padding behind: lay the rows out tight again
+            self._lay_out([self._used(range(len(s.rows)))], pending=True, tight=True)
+            s = self.state
+        start = self.end
         # Room: a layout leaves space for every token its rows may still feed (`_room`), and each
-        # forward feeds one token per row that chose one and is not done.
-        assert start < s.valid.shape[1], "no cache column left: forward() without choose()?"
-        tokens = np.array([row.token for row in s.rows], dtype=np.intp)[:, None]  # [B, 1]
-        s.valid[:, start] = True
-        valid = s.valid[:, : start + 1]
-        mask = None if valid.all() else causal_mask(valid, start, 1)  # padding to hide?
-        _, s.logits = run(self.model, tokens, s.positions[:, None], mask, kv_cache=s.cache, start=start, head="last")
-        s.positions += 1
-        self.end += 1
+        # forward feeds one token per row that chose one and is not done, with its drafts (no more
+        # than the row may still produce).
+        assert start + T <= s.valid.shape[1], "no cache column left: forward() without choose()?"
+        tokens = np.zeros((len(s.rows), T), dtype=np.intp)  # [B, T]: each row's token, then its drafts
+        for i, row in enumerate(s.rows):
+            tokens[i, : 1 + len(row.drafts)] = [row.token, *row.drafts]
+            row.fed = 1 + len(row.drafts) if T > 1 else 0
+        s.valid[:, start : start + T] = True  # the drafts a row does not keep are rolled back after choose()
+        valid = s.valid[:, : start + T]
+        mask = None if T == 1 and valid.all() else causal_mask(valid, start, T)  # padding or drafts to hide?
+        positions = s.positions[:, None] + np.arange(T)
+        _, s.logits = run(
+            self.model, tokens, positions, mask, kv_cache=s.cache, start=start, head="last" if T == 1 else "all"
+        )
+        self.end += T
+        self._step = (self._layouts, T)
+        if T == 1:
+            s.positions += 1
+
+    def _roll_back(self, kept) -> None:  # [B]: how many of the step's T columns each row keeps (0: not in it)
+        """After a step that fed drafts: each row of it keeps the first `kept` of the step's columns
+        (its token and the drafts it accepted) and its position moves on by as many; the others
+        become padding. If no layout moved the columns since, the columns past the longest kept run
+        are free again (the next step writes there)."""
+        s, (layouts, T) = self.state, self._step
+        for i, k in enumerate(kept):
+            if k:
+                s.valid[i, self.end - T + k : self.end] = False
+                s.positions[i] += k
+        if layouts == self._layouts:  # no layout moved the step's columns: give the unkept ones back
+            self.end -= T - int(kept.max())
+        s.logits = s.logits[:, 0]  # every row has chosen: these are no longer read
 
     # -- layout
     def _prefill(self, rows: list[Row], *, room: int) -> _Part:
@@ -439,24 +538,47 @@ class Engine:
             s.logits[idx],
         )
 
-    def _lay_out(self, parts: list[_Part], *, pending: bool) -> None:
+    def _lay_out(self, parts: list[_Part], *, pending: bool, tight: bool = False) -> None:
         """A new cache holding every part's rows right-aligned at `end`, with room for the tokens
-        the rows may still feed back."""
-        width = max(p.valid.shape[1] for p in parts)
+        the rows may still feed back; `tight` drops each row's padding columns too (those that drafts
+        not kept left behind)."""
         rows = [row for p in parts for row in p.rows]
+        counts = [p.valid.sum(axis=1) for p in parts] if tight else None
+        width = int(max(c.max() for c in counts)) if tight else max(p.valid.shape[1] for p in parts)
         room = _room(rows, pending=pending)
         cache = new_cache(self.model.config, len(rows), width + room)
         valid = np.zeros((len(rows), width + room), dtype=bool)
         b = 0
-        for p in parts:
+        for n_part, p in enumerate(parts):
             n, w = len(p.rows), p.valid.shape[1]
-            copy_rows(cache[:, :, b : b + n, :, width - w : width], p.cache, p.cache_rows)
-            valid[b : b + n, width - w : width] = p.valid[:, :w]
+            if tight:
+                for j in range(n):  # each row's real columns, in order, right-aligned
+                    cols = np.flatnonzero(p.valid[j])
+                    cache[:, :, b + j, :, width - len(cols) : width] = np.take(
+                        p.cache[:, :, p.cache_rows[j]], cols, axis=3
+                    )
+                    valid[b + j, width - len(cols) : width] = True
+            else:
+                copy_rows(cache[:, :, b : b + n, :, width - w : width], p.cache, p.cache_rows)
+                valid[b : b + n, width - w : width] = p.valid[:, :w]
             b += n
         positions = np.concatenate([p.positions for p in parts])
-        logits = np.concatenate([p.logits for p in parts])
+        steps = max(p.logits.ndim for p in parts) == 3  # a step that fed drafts is waiting for choose()
+        T = max(p.logits.shape[1] for p in parts if p.logits.ndim == 3) if steps else 0
+        logits = np.concatenate(
+            [p.logits if p.logits.ndim == 3 or not steps else _at_first(p.logits, T) for p in parts]
+        )
         self.state = _Part(rows, cache, np.arange(len(rows)), valid, positions, logits)
         self.end = width
+        self._layouts += 1
+
+
+def _at_first(logits, T):  # [b, V] -> [b, T, V]
+    """Logits of rows that joined after a step that fed drafts, as that step's other rows have them:
+    at position 0 (the rows choose from there; the rest is not read)."""
+    out = np.zeros((len(logits), T, logits.shape[1]), dtype=logits.dtype)
+    out[:, 0] = logits
+    return out
 
 
 class _Prefill:
@@ -503,6 +625,27 @@ def score_prompts(model, rows: Sequence[Row], x, ids, valid, s: int) -> None:  #
             )
         if row.score_only and e == L:
             row.finish()
+
+
+def prompt_lookup(row: Row, position: int, n_ctx: int) -> list[int]:
+    """Prompt-lookup drafts for the row's next step (Saxena, 2023; transformers' names): the tokens
+    that followed the most recent earlier occurrence of the row's last n tokens in its prompt and
+    text so far, n from `max_matching_ngram_size` down to 1, at most `prompt_lookup_num_tokens`, and
+    no more than the row may still produce after the next token or its context holds."""
+    k = row.options.prompt_lookup_num_tokens
+    if k is None:
+        return []
+    k = min(k, row.options.max_new_tokens - row.n_new - 1, n_ctx - 1 - position)
+    if k < 1:
+        return []
+    history = row.history()  # ends with the token fed next
+    for n in range(min(row.options.max_matching_ngram_size, len(history) - 1), 0, -1):
+        windows = np.lib.stride_tricks.sliding_window_view(history[:-1], n)  # every earlier n-gram
+        found = np.flatnonzero((windows == history[-n:]).all(axis=1))
+        if len(found):
+            begin = found[-1] + n  # the most recent occurrence's continuation
+            return history[begin : begin + k].tolist()
+    return []
 
 
 def _room(rows: Sequence[Row], *, pending: bool) -> int:

@@ -87,7 +87,10 @@ class TextRow(Row):
     def __init__(self, ids: Sequence[int], options: GenerationOptions, rng, model, adjust=None, *, logprobs=None):
         super().__init__(ids, options, rng, model.config.vocab_size, adjust, logprobs=logprobs)
         self.text = RowText(model.tokenizer, options.stop)
-        self.new_ids: list[int] = []
+
+    def accept(self, token: int) -> None:
+        if self.text.add(token):  # a stop string: the row ends at this token
+            self.finish()
 
     @property
     def finish_reason(self) -> str:
@@ -102,19 +105,13 @@ def text_rows(
 
 
 def run(model, rows: list[TextRow]) -> Iterator[list[TextRow]]:
-    """Decode the rows in one batch, yielding after each step the rows that produced a token (its id
-    is `row.new_ids[-1]`, its text already in `row.text`). A row whose text met a stop string is
-    finished. Every prompt is checked (ids, context) when the first step is asked for."""
+    """Decode the rows in one batch, yielding after each step the rows that produced tokens (their ids
+    in `row.new_ids`, their text already in `row.text`: `TextRow.accept`). A row whose text met a
+    stop string is finished. Every prompt is checked (ids, context) when the first step is asked for."""
     engine = Engine(model)
     engine.add(rows)
     while engine.rows:
-        stepped = []
-        for row, token in engine.choose():
-            row.new_ids.append(token)
-            if row.text.add(token):
-                row.finish()
-            stepped.append(row)
-        yield stepped
+        yield list({id(row): row for row, _ in engine.choose()}.values())
         engine.forward()
     for row in rows:
         row.text.close()

@@ -74,6 +74,10 @@ class JobRow(Row):
         self.first_token_at: float | None = None  # time.monotonic() of its first and last new token
         self.last_token_at: float | None = None
 
+    def accept(self, token: int) -> None:
+        if self.text.add(token):  # a stop string: the row ends at this token
+            self.finish()
+
 
 class Job:
     """One accepted request as the scheduler sees it: its rows, how many have joined the batch,

@@ -95,6 +95,8 @@ PARAMS = {
     "stop": (_is_stop, "a non-empty string, a list of them or null"),
     "seed": (_is_optional_integer, "an integer or null"),
     "ignore_eos": (_is_boolean, "true or false"),
+    "prompt_lookup_num_tokens": (_is_optional_integer, "an integer or null"),
+    "max_matching_ngram_size": (_is_integer, "an integer"),
 }
 
 

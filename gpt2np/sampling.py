@@ -42,6 +42,11 @@ class GenerationOptions:
     repetition_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    # Prompt-lookup decoding (transformers' names): guess up to this many next tokens from an earlier
+    # occurrence of the last `max_matching_ngram_size` tokens, and verify them in one pass (gpt2np.engine).
+    # The same greedy ids as without; when sampling, the same distribution. None turns it off.
+    prompt_lookup_num_tokens: int | None = None
+    max_matching_ngram_size: int = 2
 
     def __post_init__(self):
         _check_number("max_new_tokens", self.max_new_tokens, integer=True)
@@ -63,6 +68,16 @@ class GenerationOptions:
             raise OptionError("top_p", f"must be in (0, 1] (1.0 turns it off), got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise OptionError("repetition_penalty", f"must be > 0 (1.0 turns it off), got {self.repetition_penalty}")
+        if self.prompt_lookup_num_tokens is not None:
+            _check_number("prompt_lookup_num_tokens", self.prompt_lookup_num_tokens, integer=True)
+            if self.prompt_lookup_num_tokens < 1:
+                raise OptionError(
+                    "prompt_lookup_num_tokens",
+                    f"must be >= 1 (or unset, to turn it off), got {self.prompt_lookup_num_tokens}",
+                )
+        _check_number("max_matching_ngram_size", self.max_matching_ngram_size, integer=True)
+        if self.max_matching_ngram_size < 1:
+            raise OptionError("max_matching_ngram_size", f"must be >= 1, got {self.max_matching_ngram_size}")
         if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
             raise TypeError(f"stop must be a list of non-empty strings, got {self.stop!r}")
 
@@ -319,10 +334,17 @@ def next_token(
     *,
     adjust: LogitAdjustments | None = None,
     counts=None,
+    draft: int | None = None,
 ) -> int:  # [V] -> id
     """Choose the next token from one row's logits (a scratch float32 array, changed in place).
     The order: logit_bias, repetition penalty, OpenAI's count penalties (with `adjust`; `counts`
-    [V] says how often each token was generated), then greedy or the warpers and the draw."""
+    [V] says how often each token was generated), then greedy or the warpers and the draw.
+
+    `draft`, a token guessed for this position (prompt lookup), changes nothing when greedy (the
+    caller keeps it if it is the argmax). When sampling it is kept with its probability p(draft)
+    under the warped distribution, and otherwise a token is drawn from that distribution without
+    it (renormalised): the speculative sampling rule for a draft that is certain (Leviathan et al.,
+    2023; Chen et al., 2023), which draws every token with exactly its probability p."""
     if adjust and adjust.logit_bias:
         apply_logit_bias(logits, adjust.logit_bias)
     if options.repetition_penalty != 1.0 and seen is not None:
@@ -333,7 +355,15 @@ def next_token(
         return int(np.argmax(logits))
     keep = warp(logits, options)
     ids = None if keep is None else np.flatnonzero(keep)  # the tokens that may be drawn
-    i = draw(logits if ids is None else logits[ids], rng)
+    z = logits if ids is None else logits[ids]
+    if draft is not None and draft < len(logits) and (keep is None or keep[draft]):
+        d = draft if ids is None else int(np.searchsorted(ids, draft))  # the draft's place in z
+        w = np.exp(z - z.max())
+        p = float(w[d]) / np.add.reduce(w, dtype=np.float64)
+        if rng.random() < p:
+            return draft
+        z[d] = -np.inf  # the rest of the distribution, renormalised by the draw (z is scratch)
+    i = draw(z, rng)
     return i if ids is None else int(ids[i])
 
 
@@ -391,10 +421,11 @@ class RowSampler:
     def done(self) -> bool:
         return self.ended or self.n_new >= self.options.max_new_tokens
 
-    def choose(self, logits, eos: int) -> int | None:  # [V] scratch float32, changed in place -> id
-        """The next token, counted and marked seen; None (and `done`) when it is EOS that ends the row."""
+    def choose(self, logits, eos: int, draft: int | None = None) -> int | None:  # [V] scratch float32 -> id
+        """The next token, counted and marked seen; None (and `done`) when it is EOS that ends the row.
+        `draft`: a guess for this token (prompt lookup; see `next_token`)."""
         seen = None if self.seen is None else self.seen[: len(logits)]  # logits may stop at the tokenizer's ids
-        token = next_token(logits, self.options, self.rng, seen, adjust=self.adjust, counts=self.counts)
+        token = next_token(logits, self.options, self.rng, seen, adjust=self.adjust, counts=self.counts, draft=draft)
         if token == eos and not self.options.ignore_eos:
             self.ended = True
             return None

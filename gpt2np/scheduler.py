@@ -190,14 +190,12 @@ class Scheduler:
             if row.job.closed:  # failed or timed out: its rows leave the batch
                 row.finish()
         mark_shared({row.job for row in engine.rows if not row.done})
-        chosen = engine.choose()
+        chosen = engine.choose()  # each row takes its tokens (JobRow.accept: its text; a stop string finishes it)
         now = time.monotonic()
-        for row, token in chosen:
+        for row, _ in chosen:
             if row.first_token_at is None:
                 row.first_token_at = now
             row.last_token_at = now
-            if row.text.add(token):  # a stop string
-                row.finish()
         self.generated_tokens += len(chosen)
         for row in engine.rows:
             if row.done and not row.settled and not row.job.closed:

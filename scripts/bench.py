@@ -41,15 +41,25 @@ from gpt2np.checkpoint import random_state_dict, save_checkpoint
 from gpt2np.engine import Engine, Row
 from gpt2np.sampling import GenerationOptions
 
-ROWS: list[tuple[str, str, str, str, str]] = []  # (what, gpt2np, reference, ratio, floor)
+ROWS: list[tuple[str, ...]] = []  # (what, gpt2np, reference, ratio, floor, then a column per peer)
+PEER_NAMES: list[str] = []  # the peers of this run (--against), in column order
 
 
-def row(what, ours, ref=None, *, unit="", fmt="{:.1f}", higher_is_better=True, floor=None):
+def ratio_of(ours, ref, higher_is_better=True) -> str:
+    if ours is None or ref is None or ref <= 0 or ours <= 0:
+        return "-"
+    return f"{(ours / ref) if higher_is_better else (ref / ours):.2f}x"
+
+
+def row(what, ours, ref=None, *, unit="", fmt="{:.1f}", higher_is_better=True, floor=None, peers=None):
+    """A table row; `peers` maps a peer's name to its figure, shown with gpt2np's ratio to it."""
     show = lambda v: "-" if v is None else (fmt.format(v) + unit)  # noqa: E731
-    ratio = "-"
-    if ours is not None and ref is not None and ref > 0 and ours > 0:
-        ratio = f"{(ours / ref) if higher_is_better else (ref / ours):.2f}x"
-    ROWS.append((what, show(ours), show(ref), ratio, floor or "-"))
+    peers = peers or {}
+    extra = []
+    for name in PEER_NAMES:
+        value = peers.get(name)
+        extra.append("-" if value is None else f"{show(value)} ({ratio_of(ours, value, higher_is_better)})")
+    ROWS.append((what, show(ours), show(ref), ratio_of(ours, ref, higher_is_better), floor or "-", *extra))
 
 
 def median_time(fn, repeat):
@@ -192,10 +202,41 @@ def interleaved(fns: dict, repeat: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def bench_prompts(batch, prompt_len):
+    return [[(13 * b + i) % 50000 + 1 for i in range(prompt_len)] for b in range(batch)]
+
+
 def ours_decode(model, batch, prompt_len, new_tokens):
-    prompts = [[(13 * b + i) % 50000 + 1 for i in range(prompt_len)] for b in range(batch)]
-    out = model.generate_ids(prompts, max_new_tokens=new_tokens, do_sample=False, ignore_eos=True)
+    out = model.generate_ids(
+        bench_prompts(batch, prompt_len), max_new_tokens=new_tokens, do_sample=False, ignore_eos=True
+    )
     assert all(len(o) == new_tokens for o in out)
+    return out
+
+
+def make_peers(folder: Path, model, new_tokens: int) -> dict:
+    """The --against peers on this checkpoint, each with gpt2np's thread count, checked first: their
+    greedy ids for the bench's prompts (batch 1 and 8) must equal gpt2np's."""
+    if not PEER_NAMES:
+        return {}
+    import bench_peers
+
+    work = Path(tempfile.mkdtemp(prefix="gpt2np-peers-"))
+    peers = {}
+    for name in PEER_NAMES:
+        if name == "onnxruntime":
+            peer = bench_peers.OnnxDecoder(
+                bench_peers.export_onnx(folder, work / "decoder.onnx"), model.config, model.threads.n
+            )
+        else:
+            peer = bench_peers.CT2Decoder(bench_peers.convert_ct2(folder, work / "ct2"), model.threads.n)
+        for batch in (1, 8):
+            ours = ours_decode(model, batch, 8, new_tokens)
+            theirs = peer.generate(bench_prompts(batch, 8), new_tokens)
+            if theirs != ours:
+                raise SystemExit(f"bench.py: {name}'s greedy ids differ from gpt2np's at batch {batch}: not timed")
+        peers[name] = peer
+    return peers
 
 
 def ours_step_rate(model, position, steps=32):
@@ -283,8 +324,7 @@ print(statistics.median(times))
 SPLIT_CHILD = """
 import collections, json, os, statistics, sys, time
 import numpy as np
-import gpt2np.engine as E
-import gpt2np.model as M
+import gpt2np.runner as R
 from gpt2np import GPT2
 folder, repeat = sys.argv[1], int(sys.argv[2])
 m = GPT2.from_pretrained(folder, threads=len(os.sched_getaffinity(0)))
@@ -295,8 +335,8 @@ def timed(module, name, kind):
     def g(*a, **k):
         t = time.perf_counter(); r = f(*a, **k); spent[kind] += time.perf_counter() - t; return r
     setattr(module, name, g)
-timed(M, "linear", "products"); timed(M, "causal_attention", "attention"); timed(M, "norm", "layer norms")
-timed(E, "lm_head", "LM head")
+timed(R, "linear", "products"); timed(R, "causal_attention", "attention"); timed(R, "layer_norm", "layer norms")
+timed(R, "lm_head", "LM head")
 runs = collections.defaultdict(list)
 m(ids)
 for _ in range(repeat):
@@ -447,6 +487,7 @@ def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
             step()
 
     serial = GPT2(c, model.params, model.tokenizer, threads=1)
+    peers = make_peers(folder, model, new_tokens)
     ours_decode(model, 1, 8, 4)  # warm up
     if hf is not None:
         hf_decode(torch, hf, 1, 8, 4)
@@ -455,7 +496,8 @@ def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
             "ours": lambda: ours_decode(model, 1, 8, new_tokens),
             "floor": floor_run,
             "hf": hf and (lambda: hf_decode(torch, hf, 1, 8, new_tokens)),
-        },
+        }
+        | {name: (lambda p=p: p.generate(bench_prompts(1, 8), new_tokens)) for name, p in peers.items()},
         repeat,
     )
     per_token, floor = t["ours"] / new_tokens, t["floor"] / new_tokens
@@ -465,6 +507,7 @@ def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
         hf and new_tokens / t["hf"],
         unit=" tok/s",
         floor=f"{1 / floor:.1f} tok/s ({floor * 1e3:.1f} ms/token); gpt2np at {floor / per_token:.0%}",
+        peers={name: new_tokens / t[name] for name in peers},
     )
 
     T = c.n_ctx
@@ -475,7 +518,8 @@ def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
             "serial": lambda: serial(np.arange(T) % 50000 + 1),
             "dense": dense_products(model, T),
             "hf": hf and (lambda: hf_prefill(torch, hf, T)),
-        },
+        }
+        | {name: (lambda p=p: p.prefill(list(np.arange(T) % 50000 + 1))) for name, p in peers.items()},
         repeat,
     )
     dense = f"dense products alone: {t['dense']:.2f} s; gpt2np {t['ours']:.2f} s"
@@ -487,6 +531,7 @@ def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
         hf and T / t["hf"],
         unit=" tok/s",
         floor=dense,
+        peers={name: T / t[name] for name in peers},
     )
     row(
         f"{title}: prefill, {T} tokens, threads={model.threads.n} against threads=1",
@@ -501,7 +546,8 @@ def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
         {
             "ours": lambda: ours_decode(model, 8, 8, new_tokens),
             "hf": hf and (lambda: hf_decode(torch, hf, 8, 8, new_tokens)),
-        },
+        }
+        | {name: (lambda p=p: p.generate(bench_prompts(8, 8), new_tokens)) for name, p in peers.items()},
         repeat,
     )
     row(
@@ -509,6 +555,7 @@ def bench_model(folder: Path, label: str, repeat: int, new_tokens: int):
         8 * new_tokens / t["ours"],
         hf and 8 * new_tokens / t["hf"],
         unit=" tok/s",
+        peers={name: 8 * new_tokens / t[name] for name in peers},
     )
 
     rates = {"early": [], "late": []}
@@ -615,14 +662,19 @@ def bench_tiny(repeat: int, new_tokens: int):
 
 
 def print_table(repeat):
-    header = ("what", "gpt2np", "reference", "ratio", "floor / target")
-    widths = [max(len(r[i]) for r in [header, *ROWS]) for i in range(5)]
+    header = ("what", "gpt2np", "reference", "ratio", "floor / target", *(f"{n} (gpt2np / it)" for n in PEER_NAMES))
+    rows = [r + ("-",) * (len(header) - len(r)) for r in ROWS]  # rows made before the peers' columns
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
     print(f"machine: {machine()}")
     print(f"median of {repeat} runs; reference = tiktoken for the tokenizer, transformers (PyTorch) for the model")
+    if PEER_NAMES:
+        print(
+            f"peers (float32, the same checkpoint, the same threads, greedy ids checked equal): {', '.join(PEER_NAMES)}"
+        )
     print(line(header))
     print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for r in ROWS:
+    for r in rows:
         print(line(r))
 
 
@@ -633,7 +685,21 @@ def main(argv=None):
     parser.add_argument("--only", choices=["tokenizer", "model", "scaling", "tiny"], help="run one part only")
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; the median is reported (default: 3)")
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens generated per decode run (default: 128)")
+    parser.add_argument(
+        "--against",
+        default="",
+        help="peers run in the same process on the same checkpoint: a comma-separated list of "
+        "onnxruntime, ctranslate2 (the bench extra; scripts/bench_peers.py)",
+    )
     args = parser.parse_args(argv)
+    for name in filter(None, args.against.split(",")):
+        from bench_peers import PEERS, missing
+
+        if name not in PEERS:
+            parser.error(f"--against {name}: the peers are {', '.join(PEERS)}")
+        if (why := missing(name)) is not None:
+            parser.error(f"--against {name}: {why}")
+        PEER_NAMES.append(name)
     if args.only in (None, "tokenizer"):
         bench_tokenizer(args.repeat)
     if args.only in (None, "tiny"):

@@ -20,7 +20,8 @@ from gpt2np.sampling import GenerationOptions
 
 TOY = GPT2Config(n_layer=1, n_head=2, n_embd=32, n_ctx=64)
 KNOWN = (
-    "top_p, temperature, max_new_tokens, do_sample, return_full_text, top_k, repetition_penalty, stop, seed, ignore_eos"
+    "top_p, temperature, max_new_tokens, do_sample, return_full_text, top_k, repetition_penalty, stop, seed, "
+    "ignore_eos, prompt_lookup_num_tokens, max_matching_ngram_size"
 )
 CARD_PARAMS = json.dumps(MODEL_CARD_REQUEST["params"])
 

@@ -13,8 +13,11 @@ Decisions where OpenAI's reference is silent:
 - With a stop string, the tokens reported are those whose text starts before the cut.
 - Choice `i * n + j` (prompt i, sample j) draws from the seed's child `i * n + j`, so a request gives
   what `GPT2.complete` gives for its prompts each repeated n times with the same seed.
-- A request that echoes with log-probs scores its prompts in the request's thread, one request at a
-  time (`CompletionsAPI.prompt_parts`); the batch goes on meanwhile.
+- A request that echoes with log-probs scores its prompts as rows of the scheduler's batch, like any
+  other request: each prompt is prefilled a chunk at a time between decoding steps, its log-probs
+  computed chunk by chunk (gpt2np.engine's `Row.prompt_logprobs`); `max_tokens` 0 makes score-only
+  rows. So an echo request waits its turn, is cancelled when its client leaves and is bounded by
+  --timeout, and delays the rows decoding by one chunk per step, never by a whole pass.
 - Served under several names, the model answers to each, and an answer carries the name asked for.
 """
 
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import codecs
 import json
-import threading
 import time
 import uuid
 from collections.abc import Sequence
@@ -32,7 +34,7 @@ from .completionrequest import CompletionRequest, error_body, parse_completion, 
 from .generation import RowText
 from .httperrors import HTTPError, http_error
 from .jobs import Job, JobRow
-from .sampling import row_generators
+from .sampling import GenerationOptions, row_generators
 
 
 # ---------------------------------------------------------------------------------------- log-probs
@@ -63,32 +65,34 @@ def _top(tokenizer, ids, log_probs, token: str, log_prob: float) -> dict[str, fl
 
 @dataclass
 class PromptPart:
-    """A prompt as a choice echoes it: its text and, with logprobs, one Entry per token."""
+    """A prompt as a choice echoes it: its text, each token's character offset and, once scored
+    (with logprobs), one Entry per token."""
 
     text: str
+    offsets: list[int]
     entries: list[Entry]
 
 
-def prompt_part(model, ids: list[int], logprobs: int | None) -> PromptPart:
-    """The prompt's text and (with `logprobs`) its tokens' log-probs, scored as gpt2np.evaluate does."""
-    tokenizer = model.tokenizer
+def prompt_part(tokenizer, ids: list[int]) -> PromptPart:
+    """The prompt's text and its tokens' character offsets; the entries come with its scores."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     texts, offsets, length = [], [], 0
     for token in ids:
         offsets.append(length)
         texts.append(decoder.decode(tokenizer.decode_single_token_bytes(token)))
         length += len(texts[-1])
-    text = "".join(texts) + decoder.decode(b"", final=True)
-    if logprobs is None:
-        return PromptPart(text, [])
-    scored = model.score(ids, top=logprobs)
+    return PromptPart("".join(texts) + decoder.decode(b"", final=True), offsets, [])
+
+
+def prompt_entries(tokenizer, ids: list[int], part: PromptPart, scores) -> list[Entry]:
+    """The echoed prompt's `logprobs` entries from its row's scores (gpt2np.scoring.LogProbs of the
+    tokens after the first): the first token has none."""
     entries = [Entry(token_text(tokenizer, ids[0]), None, None, 0)]
     for i, token in enumerate(ids[1:]):
-        name, lp = token_text(tokenizer, token), float(scored.log_probs[i])
-        entries.append(
-            Entry(name, lp, _top(tokenizer, scored.top_ids[i], scored.top_log_probs[i], name, lp), offsets[i + 1])
-        )
-    return PromptPart(text, entries)
+        name, lp = token_text(tokenizer, token), float(scores.log_probs[i])
+        top = _top(tokenizer, scores.top_ids[i], scores.top_log_probs[i], name, lp)
+        entries.append(Entry(name, lp, top, part.offsets[i + 1]))
+    return entries
 
 
 # ---------------------------------------------------------------------------------------- rows and jobs
@@ -126,19 +130,34 @@ class CompletionText(RowText):
 
 
 class CompletionRow(JobRow):
-    """One choice while it decodes: a job's row that knows its index (row i * n + j is prompt i's choice j)."""
+    """One choice while it decodes: a job's row that knows its index (row i * n + j is prompt i's
+    choice j). The row that scores prompt i for its echo is choice i * n, or, when nothing is
+    generated, a score-only row of its own (index None)."""
 
-    def __init__(self, job: CompletionJob, index: int, ids: list[int], request: CompletionRequest, rng, model):
-        text = CompletionText(self, model.tokenizer, request.options.stop)
+    def __init__(
+        self,
+        job: CompletionJob,
+        index: int | None,
+        ids: list[int],
+        request: CompletionRequest,
+        rng,
+        model,
+        *,
+        score=False,
+    ):
+        options = request.options or SCORE_ONLY
+        text = CompletionText(self, model.tokenizer, options.stop)
         super().__init__(
             job,
             ids,
-            request.options,
+            options,
             rng,
             model.config.vocab_size,
             text,
             adjust=request.adjust,
             logprobs=request.logprobs,
+            prompt_logprobs=request.logprobs if score else None,
+            score_only=request.options is None,
         )
         self.index = index
         self.closed = False  # its text closed: nothing more comes
@@ -149,18 +168,36 @@ class CompletionRow(JobRow):
         return "stop" if self.sampler.ended or self.text.stopped else "length"
 
 
+# A row that only scores its prompt chooses no token; the engine still wants options for it.
+SCORE_ONLY = GenerationOptions(max_new_tokens=1, do_sample=False)
+
+
 class CompletionJob(Job):
-    """One accepted completion request: n rows per prompt, whose texts a stream reads as they grow."""
+    """One accepted completion request: n choice rows per prompt (none with max_tokens 0), whose
+    texts a stream reads as they grow, and for an echo with logprobs the row that scores each prompt."""
 
     def __init__(self, request: CompletionRequest, model):
         super().__init__()
         n = request.n
+        scoring = request.echo and request.logprobs is not None
         rngs = row_generators(request.seed, len(request.prompts) * n)
-        self.rows = [
-            CompletionRow(self, i * n + j, ids, request, rngs[i * n + j], model)
+        self.choices = [
+            CompletionRow(self, i * n + j, ids, request, rngs[i * n + j], model, score=scoring and j == 0)
             for i, ids in enumerate(request.prompts)
             for j in range(n)
+            if request.options is not None
         ]
+        if not scoring:
+            self.scorers = [None] * len(request.prompts)
+        elif self.choices:
+            self.scorers = self.choices[::n]
+        else:
+            self.scorers = [CompletionRow(self, None, ids, request, None, model, score=True) for ids in request.prompts]
+        self.rows = self.choices + [row for row in self.scorers if row is not None and row.index is None]
+
+    def scored(self, i: int) -> bool:
+        """Whether prompt i's echo is ready: it needs no scores, or its row has scored it."""
+        return self.scorers[i] is None or self.scorers[i].prompt_scored
 
     def on_row_finished(self) -> None:
         """Close the text of every row that has settled: a stream may hand out its end."""
@@ -190,7 +227,6 @@ class CompletionsAPI:
         self.model, self.max_tokens_cap = model, max_tokens_cap
         self.max_prompts, self.max_token_bytes = max_prompts, max_token_bytes
         self.created = int(time.time())
-        self._scoring = threading.Lock()
 
     def parse(self, body: bytes) -> CompletionRequest:
         return parse_completion(
@@ -203,16 +239,15 @@ class CompletionsAPI:
         )
 
     def prompt_parts(self, request: CompletionRequest) -> list[PromptPart]:
-        """Each prompt's text (offsets count from it) and, to echo with logprobs, its scores; scoring
-        passes run one at a time, beside the batch."""
-        if not (request.echo and request.logprobs is not None):
-            return [prompt_part(self.model, ids, None) for ids in request.prompts]
-        with self._scoring:
-            return [prompt_part(self.model, ids, request.logprobs) for ids in request.prompts]
+        """Each prompt's text and offsets (the scores of an echo come from its job's rows)."""
+        return [prompt_part(self.model.tokenizer, ids) for ids in request.prompts]
 
     def job(self, request: CompletionRequest) -> CompletionJob | None:
-        """The rows to decode, or None when nothing is generated (max_tokens 0)."""
-        return None if request.options is None else CompletionJob(request, self.model)
+        """The rows to run: the choices to decode, and the rows that score the prompts for an echo
+        with logprobs; None when there is nothing for the model to do (max_tokens 0, no logprobs)."""
+        if request.options is None and not (request.echo and request.logprobs is not None):
+            return None
+        return CompletionJob(request, self.model)
 
     def models(self) -> dict:
         """GET /v1/models: every name the model is served under."""
@@ -230,6 +265,8 @@ class CompletionsAPI:
     def answer(self, request: CompletionRequest, job: CompletionJob | None, parts: list[PromptPart]) -> dict:
         """The whole response, once the job is done."""
         answer = _Answer(request.model)
+        for i, part in enumerate(parts):
+            self.fill_entries(request, job, i, part)
         echoed = [part.text if request.echo else "" for part in parts]
         choices = [
             answer.choice(
@@ -243,14 +280,20 @@ class CompletionsAPI:
         ]
         return answer.body(choices, usage=_usage(request, job))
 
+    def fill_entries(self, request: CompletionRequest, job: CompletionJob | None, i: int, part: PromptPart) -> None:
+        """Prompt i's echo entries from its scoring row, once it has scored it."""
+        scorer = None if job is None else job.scorers[i]
+        if scorer is not None and scorer.prompt_scored and not part.entries:
+            part.entries = prompt_entries(self.model.tokenizer, request.prompts[i], part, scorer.prompt_scores)
+
     def stream(
         self, request: CompletionRequest, job: CompletionJob | None, parts: list[PromptPart]
     ) -> CompletionStream:
-        return CompletionStream(request, job, parts, _Answer(request.model))
+        return CompletionStream(self, request, job, parts, _Answer(request.model))
 
 
 def _rows_of(job: CompletionJob | None, i: int, n: int) -> list:
-    return [None] * n if job is None else job.rows[i * n : (i + 1) * n]
+    return [None] * n if job is None or not job.choices else job.choices[i * n : (i + 1) * n]
 
 
 def _logprobs(request: CompletionRequest, part: PromptPart, row: CompletionRow | None) -> dict | None:
@@ -307,25 +350,36 @@ def event(data) -> bytes:
 
 
 class CompletionStream:
-    """A response as server-sent events: the echoed prompts first, then one event per choice for each
-    piece of text decided since the last look (`take`), a choice's finish_reason with its last piece,
-    and `data: [DONE]` (`close`). A job that fails mid-way ends the stream with an error event."""
+    """A response as server-sent events: each prompt's echo first (for an echo with logprobs, once its
+    row has scored it), then one event per choice for each piece of text decided since the last look
+    (`take`), a choice's finish_reason with its last piece, and `data: [DONE]` (`close`). A job that
+    fails mid-way ends the stream with an error event."""
 
-    def __init__(self, request: CompletionRequest, job: CompletionJob | None, parts: list[PromptPart], answer: _Answer):
-        self.request, self.job, self.parts, self.answer = request, job, parts, answer
+    def __init__(
+        self, api: CompletionsAPI, request: CompletionRequest, job: CompletionJob | None, parts, answer: _Answer
+    ):
+        self.api, self.request, self.job, self.parts, self.answer = api, request, job, parts, answer
         self.ended = job is None
         self.failed = False
         self._seen = 0  # the job's changes already taken
+        self._echoed = [False] * len(parts)  # prompt i's echo handed out
 
     def open(self) -> bytes:
-        """The echoed prompts (and, with nothing to generate, each choice's end)."""
+        """The echoes that are ready (all of them, with nothing for the model to do)."""
+        return self._echoes()
+
+    def _echoes(self) -> bytes:
         out = b""
-        n = self.request.n
+        n, generating = self.request.n, self.job is not None and bool(self.job.choices)
         for i, part in enumerate(self.parts):
+            if self._echoed[i] or (self.job is not None and not self.job.scored(i)):
+                continue
+            self._echoed[i] = True
+            self.api.fill_entries(self.request, self.job, i, part)
             for j in range(n):
                 text = part.text if self.request.echo else ""
                 logprobs = _logprobs_body(part.entries) if self.request.logprobs is not None and text else None
-                finish = "length" if self.job is None else None
+                finish = None if generating else "length"
                 if text or finish:
                     out += event(self.answer.body([self.answer.choice(i * n + j, text, logprobs, finish)]))
         return out
@@ -342,9 +396,11 @@ class CompletionStream:
             self._seen = job.changes
             if job.error is not None:
                 return self.fail(http_error(job.error))
-            for row in job.rows:
-                out += self._piece(row)
-            self.ended = all(row.reported for row in job.rows)
+            out += self._echoes()
+            for row in job.choices:
+                if self._echoed[row.index // self.request.n]:  # a choice's text comes after its prompt's echo
+                    out += self._piece(row)
+            self.ended = all(self._echoed) and all(row.reported for row in job.choices)
         return out
 
     def _piece(self, row: CompletionRow) -> bytes:

@@ -233,6 +233,7 @@ class Row:
         self.log_probs: list[TokenLogProb] = []
         self.prompt_logprobs = 0 if score_only and prompt_logprobs is None else prompt_logprobs
         self.score_only = score_only
+        self.prompt_scored = False  # its prompt has been scored (with prompt_logprobs), every chunk of it
         self._prompt_parts: list[scoring.LogProbs] = []
         self.drafts: list[int] = []  # the tokens guessed after `token` at the last forward (prompt lookup)
         self.fed = 0  # columns the last forward fed for the row when it fed drafts (its token and drafts)
@@ -339,7 +340,11 @@ class Engine:
             raise ValueError("a prompt must have at least one token")
         if min(ids) < 0 or max(ids) >= config.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {config.vocab_size}), got {min(ids)}..{max(ids)}")
-        check_fits(len(ids), row.options.max_new_tokens, config.n_ctx)
+        if row.score_only:  # its last token predicts nothing it needs: the whole context may be prompt
+            if len(ids) > config.n_ctx:
+                raise ValueError(f"the prompt is {len(ids)} tokens, more than the model's {config.n_ctx}-token context")
+        else:
+            check_fits(len(ids), row.options.max_new_tokens, config.n_ctx)
         adjust = row.sampler.adjust
         bad = [t for t, _ in adjust.logit_bias if t >= config.vocab_size] if adjust else []
         if bad:
@@ -623,8 +628,10 @@ def score_prompts(model, rows: Sequence[Row], x, ids, valid, s: int) -> None:  #
             row._prompt_parts.append(
                 scoring.model_log_probs(model, x[r, cols - s], ids[r, cols + 1], top=row.prompt_logprobs)
             )
-        if row.score_only and e == L:
-            row.finish()
+        if e == L:
+            row.prompt_scored = True
+            if row.score_only:
+                row.finish()
 
 
 def prompt_lookup(row: Row, position: int, n_ctx: int) -> list[int]:

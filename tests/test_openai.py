@@ -464,3 +464,104 @@ def test_the_server_s_limits_hold_before_tokenizing(client, server, name):
     with pytest.raises(openai.BadRequestError, match=r"prompt is 300000 bytes, at least 2344 tokens, more than"):
         client.completions.create(model=name, prompt="x" * 300_000, max_tokens=1)
     assert time.monotonic() - started < 2.0  # tokenizing one 300 KB word takes seconds
+
+
+# ---------------------------------------------------------------------------------------- echo in the batch
+@pytest.fixture(scope="module")
+def echo_server(tmp_path_factory):
+    """A server of a 1024-token toy model prefilling 16 tokens a step, for echo requests that take
+    many steps."""
+    folder = checkpoint(tmp_path_factory.mktemp("echo"), LONG)
+    server = Server(folder, tmp_path_factory.mktemp("log") / "server.log", "--prefill-chunk", "16", "--timeout", "300")
+    yield server, folder.name, GPT2.from_pretrained(folder), folder
+    server.stop()
+
+
+def health(port: int) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=30) as answer:
+        return json.loads(answer.read())
+
+
+def echo_body(name, prompts) -> dict:
+    return {"model": name, "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1}
+
+
+def test_echo_scoring_is_rows_of_the_batch_a_chunk_at_a_time(echo_server):
+    """A 900-token echo prefills 16 tokens a step beside the other rows: a stream that starts after
+    it ends before it, and its scores are still scoring's, within 1e-5."""
+    import threading
+
+    server, name, model, _ = echo_server
+    ids = np.random.default_rng(3).integers(0, 50000, size=900).tolist()
+    done = {}
+
+    def echo():
+        done["answer"] = json.loads(sse_request_whole(server.port, echo_body(name, [ids])))
+        done["at"] = time.monotonic()
+
+    thread = threading.Thread(target=echo)
+    thread.start()
+    wait_for(lambda: health(server.port)["batch_rows"] == 1, what="the echo's row in the batch")
+    raw = sse_request(server.port, {"model": name, "prompt": "Hi", "max_tokens": 24, "temperature": 0, "stream": True})
+    streamed_at = time.monotonic()
+    thread.join(120)
+    assert raw.endswith(b"data: [DONE]\n\n") and "answer" in done
+    assert streamed_at < done["at"]  # 24 steps of the stream came before the echo's 57 chunks ended
+    ((reference, _),) = score_tokens(model, [(ids, 1)], progress=False)
+    got = done["answer"]["choices"][0]["logprobs"]["token_logprobs"]
+    assert got[0] is None
+    np.testing.assert_allclose(got[1:], reference, rtol=0, atol=1e-5)
+
+
+def sse_request_whole(port: int, body: dict) -> bytes:
+    """A raw POST /v1/completions answered whole: its body."""
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        body = response.read()
+        assert response.status == 200, f"{response.status} {body[:300]!r}"
+        return body
+    finally:
+        connection.close()
+
+
+def test_an_echo_whose_client_left_stops_and_one_past_the_timeout_is_a_504(echo_server, tmp_path):
+    """12 echo prompts of 600 tokens: sent whole, the answer takes some time T. Sent again and
+    dropped at once, the server's batch is empty again well within T (the rows left at their next
+    chunk: the work for a gone client stops). Past --timeout, the answer is a 504."""
+    server, name, _, folder = echo_server
+    prompts = [np.random.default_rng(i).integers(0, 50000, size=600).tolist() for i in range(12)]
+    started = time.monotonic()
+    sse_request_whole(server.port, echo_body(name, prompts))
+    whole = time.monotonic() - started
+    data = json.dumps(echo_body(name, prompts)).encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(data)}\r\n\r\n".encode()
+            + data
+        )
+        wait_for(lambda: health(server.port)["batch_rows"] > 0, what="the echo's rows in the batch")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # a reset, as a killed client
+    left = time.monotonic()
+    wait_for(lambda: health(server.port)["batch_rows"] == 0 and health(server.port)["queue_depth"] == 0, timeout=whole)
+    gone = time.monotonic() - left
+    print(f"12 x 600-token echo: whole {whole:.2f} s; rows gone {gone:.2f} s after the client left")
+    assert gone < 0.5 * whole
+    assert " 499 " in server.log_when(lambda log: " 499 " in log)
+    timeout = round(whole / 4, 2)
+    bounded = Server(folder, tmp_path / "timeout.log", "--prefill-chunk", "16", "--timeout", str(timeout))
+    try:
+        started = time.monotonic()
+        with pytest.raises(AssertionError, match="504") as failure:
+            sse_request_whole(bounded.port, echo_body(name, prompts))
+        assert "--timeout" in str(failure.value)
+        assert time.monotonic() - started < timeout + 0.5 * whole
+        wait_for(lambda: health(bounded.port)["batch_rows"] == 0, timeout=whole)  # and its rows left the batch
+    finally:
+        bounded.stop()

@@ -289,7 +289,7 @@ def _options(data: dict, max_tokens: int) -> GenerationOptions | None:
 
 def _adjustments(data: dict, vocab_size: int) -> LogitAdjustments:
     bias = _field(data, "logit_bias", lambda v: isinstance(v, dict), "an object of token ids to numbers", {})
-    pairs = []
+    pairs, keys = [], {}
     for key, value in bias.items():
         if not (key.isascii() and key.isdigit()) or not _is_number(value):
             raise _bad("logit_bias", f"must map token ids (as strings) to numbers, got {_shown({key: value})}")
@@ -299,7 +299,13 @@ def _adjustments(data: dict, vocab_size: int) -> LogitAdjustments:
         if len(digits) > len(str(vocab_size)) or int(digits) >= vocab_size:
             shown = key if len(key) <= 20 else f"a key of {len(key)} digits"
             raise _bad("logit_bias", f"token ids must be in [0, {vocab_size}), got {shown}")
-        pairs.append((int(digits), value))
+        token = int(digits)
+        if token in keys:  # "7" and "07" name one token: its bias would be added twice
+            raise _bad(
+                "logit_bias", f"names token {token} twice ({_shown(keys[token])} and {_shown(key)}): give it once"
+            )
+        keys[token] = key
+        pairs.append((token, value))
     penalties = [_field(data, name, _is_number, "a number", 0.0) for name in ("presence_penalty", "frequency_penalty")]
     return LogitAdjustments(*penalties, tuple(pairs))
 

@@ -183,3 +183,16 @@ def test_model_py_is_the_formulas_with_no_execution_detail():
         if isinstance(node, ast.FunctionDef):
             names = [a.arg for a in node.args.args + node.args.kwonlyargs]
             assert not {"pool", "threads", "executor", "runner"} & set(names), (node.name, names)
+
+
+LIBRARY = ("api", "engine", "model", "runner", "sampling", "scoring", "tokenizer", "generation", "checkpoint", "config")
+COMMANDS = ("evaluate", "server", "httpd", "routes", "completions", "modelcard", "scheduler", "cli", "batch", "console")
+
+
+def test_no_library_module_imports_a_command_level_one():
+    """The library (the model, its engine, scoring, the tokenizer and the public class) sits below the
+    commands (evaluation, the server's rooms, the command line, batch jobs): no arrow points up."""
+    for name in LIBRARY:
+        module = f"gpt2np.{name}"
+        upward = {m for m in GRAPH[module] if m.split(".")[1] in COMMANDS}
+        assert not upward, f"{module} imports {sorted(upward)}"

@@ -53,6 +53,14 @@ def test_a_logit_bias_key_with_5000_leading_zeros_is_the_id_it_spells(app, toy_m
     assert status == 200 and answer["choices"][0]["text"] == toy_model.tokenizer.decode([42] * 3)
 
 
+def test_a_logit_bias_that_names_a_token_twice_is_400(app):
+    """ "7" and "007" are one token: its bias would be added twice (past the +-100 bound)."""
+    body = {"model": "toy", "prompt": "Hi", "max_tokens": 1, "logit_bias": {"7": 100, "007": 100}}
+    status, answer = serve(app, "/v1/completions", json.dumps(body))
+    assert status == 400 and answer["error"]["param"] == "logit_bias"
+    assert "names token 7 twice" in answer["error"]["message"]
+
+
 BODIES_5000 = {  # (path, body with a 5000-digit integer)
     "score seed": ("/score", '{"input_data": ["a"], "params": {"seed": %s}}' % DIGITS_5000),
     "score max_new_tokens": ("/score", '{"input_data": ["a"], "params": {"max_new_tokens": %s}}' % DIGITS_5000),
